@@ -1,0 +1,76 @@
+"""`gpt-simple train | status | stop | prepare | validate` (and the flat train.py / status.py scripts)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt_simple import shutdown
+
+USAGE = """usage: gpt-simple COMMAND [...]
+
+commands:
+  train     --config FILE [--section.field value ...]   train (or resume) a run
+  status    --output_dir DIR [--json]                   print the run's status (first line: the word)
+  stop      DIR                                         ask a running job to save and exit
+  prepare   INPUT... --out DIR --bucket NAME | --demo DIR   tokenize text into shards
+  validate  --config FILE [overrides]                   check config and data demand without training
+"""
+
+
+def train_main(argv: list[str]) -> int:
+    shutdown.install()  # before any heavy import: a signal during set-up is honoured
+    parser = argparse.ArgumentParser(prog="gpt-simple train", description="Train or resume a GPT run.")
+    parser.add_argument("--config", help="TOML config file (defaults apply where omitted)")
+    parser.add_argument("--force", action="store_true", help="with training.resume = 'scratch': delete the run")
+    parser.add_argument("--dry-run", action="store_true", help="validate config and data demand, then exit")
+    args, overrides = parser.parse_known_args(argv)
+    from gpt_simple.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from gpt_simple.validate import validate_main
+        return validate_main(cfg)
+    from gpt_simple.trainer import Trainer
+    return Trainer(cfg, force=args.force).run()
+
+
+def validate_cmd(argv: list[str]) -> int:
+    return train_main(["--dry-run", *argv])
+
+
+def status_cmd(argv: list[str]) -> int:
+    from gpt_simple.status import status_main
+    return status_main(argv)
+
+
+def stop_cmd(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="gpt-simple stop", description="Ask a running job to save and exit 0.")
+    parser.add_argument("output_dir")
+    args = parser.parse_args(argv)
+    path = shutdown.request_stop(args.output_dir)
+    print(f"stop requested: {path} (the job saves and exits at its next step)")
+    return 0
+
+
+def prepare_cmd(argv: list[str]) -> int:
+    from gpt_simple.data.prepare import prepare_main
+    return prepare_main(argv)
+
+
+COMMANDS = {"train": train_main, "status": status_cmd, "stop": stop_cmd, "prepare": prepare_cmd,
+            "validate": validate_cmd}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

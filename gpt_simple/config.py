@@ -1,0 +1,382 @@
+"""Typed run configuration: TOML file + `--section.field value` overrides, validated at load.
+
+Every field has a default and a one-line doc (`doc(...)`); docs/configuration.md is generated from them
+by `python -m gpt_simple.config --markdown`, and a test fails when the committed file is stale.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or the command line; printed as one line, exit code 2."""
+
+
+def doc(default: Any, text: str, **meta: Any) -> Any:
+    """A dataclass field with a default and a doc line (lists/dicts get a factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"doc": text, **meta})
+    return field(default=default, metadata={"doc": text, **meta})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = doc(50304, "Embedding rows; >= the tokenizer's vocabulary (padded to a multiple of 64 for speed).")
+    block_size: int = doc(1024, "Longest context the model supports; data.seq_len must not exceed it.")
+    n_layer: int = doc(12, "Number of transformer blocks.")
+    n_head: int = doc(12, "Attention heads (query heads).")
+    n_kv_head: int = doc(0, "Key/value heads for grouped-query attention; 0 means n_head (plain multi-head).")
+    n_embd: int = doc(768, "Residual stream width.")
+    pos_embedding: str = doc("learned", "Position encoding: 'learned' (GPT-2) or 'rope'.", choices=("learned", "rope"))
+    rope_theta: float = doc(10000.0, "RoPE base frequency (pos_embedding = 'rope').")
+    norm: str = doc("layernorm", "Normalisation: 'layernorm' or 'rmsnorm'.", choices=("layernorm", "rmsnorm"))
+    norm_eps: float = doc(1e-5, "Epsilon of the normalisation layers.")
+    mlp: str = doc("gelu", "Feed-forward: 'gelu' (GPT-2) or 'swiglu'.", choices=("gelu", "swiglu"))
+    mlp_ratio: float = doc(4.0, "Hidden width of the MLP as a multiple of n_embd (SwiGLU uses 2/3 of it, rounded to 64).")
+    bias: bool = doc(True, "Bias terms in linear layers and norms.")
+    dropout: float = doc(0.0, "Dropout probability (attention and residual); 0 for pretraining.")
+    tie_embeddings: bool = doc(True, "Share the token embedding with the output head.")
+
+
+@dataclass
+class DataConfig:
+    dir: str = doc("data/demo", "Folder of prepared buckets: DIR/<bucket>/*.bin + *.idx (see `gpt-simple prepare`).")
+    demo: bool = doc(False, "Build the embedded demo corpus (Python's own stdlib, byte-level) into `dir` if it is missing.")
+    seq_len: int = doc(1024, "Tokens per training sequence (each sequence reads seq_len + 1 tokens).")
+    seed: int = doc(1234, "Seed of the document order in every bucket.")
+    curriculum: list = doc([], "Phases: [{tokens = N, mix = {bucket = weight, ...}}, ...]; empty = one phase over all buckets by size.")
+    allow_bucket_exhaustion: bool = doc(False, "When a bucket runs dry: false = save and HALT; true = drop it, renormalise the mix, continue.")
+    audit: bool = doc(False, "Append every step's token spans to output_dir/data_audit.jsonl (rank 0).")
+    prefetch: int = doc(2, "Batches prepared ahead by a background thread (0 = load in the loop).")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = doc(6e-4, "Peak learning rate.")
+    min_lr_ratio: float = doc(0.1, "Learning rate at the end of the cosine decay, as a fraction of lr.")
+    warmup_steps: int = doc(700, "Linear warm-up steps from 0 to lr.")
+    decay_steps: int = doc(0, "Steps of the cosine decay after warm-up; 0 means until training.max_steps.")
+    weight_decay: float = doc(0.1, "AdamW weight decay on matrices (never on norms, biases or embeddings).")
+    beta1: float = doc(0.9, "AdamW beta1.")
+    beta2: float = doc(0.95, "AdamW beta2.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    fused: str = doc("auto", "Fused AdamW kernel: 'auto' (on CUDA), 'true' or 'false'.", choices=("auto", "true", "false"))
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = doc("outputs/run", "Run directory: checkpoints, run_state.json, metrics, logs.")
+    max_steps: int = doc(600000, "Optimizer steps of the whole run (across every resumed job).")
+    global_batch_size: int = doc(512, "Sequences per optimizer step, whatever the world size.")
+    micro_batch_size: int = doc(16, "Sequences per forward/backward on one rank; the rest is gradient accumulation.")
+    seed: int = doc(1337, "Seed of the model initialisation (identical on every world size).")
+    device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
+    dtype: str = doc("auto", "Compute dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'.", choices=("auto", "bf16", "fp32"))
+    compile: bool = doc(False, "torch.compile each transformer block.")
+    activation_checkpointing: bool = doc(False, "Recompute each block's activations in the backward pass to save memory.")
+    log_steps: int = doc(10, "Log a console line, metrics.jsonl and TensorBoard every N steps.")
+    tensorboard: bool = doc(True, "Write TensorBoard scalars to output_dir/tensorboard.")
+    peak_flops: float = doc(0.0, "Peak FLOP/s of one device for MFU; 0 = known GPU table, or a measured matmul rate on CPU.")
+    save_steps: int = doc(1000, "Periodic (async) checkpoint every N steps; 0 disables periodic saves.")
+    keep_last_k: int = doc(3, "Keep the newest K checkpoints (0 keeps all).")
+    keep_milestone_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this (0 = none).")
+    async_save: bool = doc(True, "Periodic saves with torch.distributed.checkpoint.async_save (the loop blocks only for staging).")
+    resume: str = doc("auto", "'auto' (newest committed checkpoint, else fresh), 'scratch', or a checkpoint path.")
+    max_runtime_seconds: float = doc(0.0, "Deadline in seconds from process start (0 = SLURM_JOB_END_TIME / GPT_SIMPLE_MAX_RUNTIME / none).")
+    walltime_reserve_seconds: float = doc(60.0, "Time kept before the deadline to write the final checkpoint.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def architecture(self) -> dict:
+        """The fields that decide the shapes and meaning of the weights."""
+        return dataclasses.asdict(self.model)
+
+    def arch_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(where: str, value: Any, typ: type) -> Any:
+    """Check one TOML value against the field's type; ints are accepted for floats."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list:
+        if isinstance(value, list):
+            return value
+    elif typ is dict:
+        if isinstance(value, dict):
+            return value
+    shown = json.dumps(value) if not isinstance(value, str) else repr(value)
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {shown}")
+
+
+def _apply(cfg: Config, raw: dict, origin: str) -> None:
+    classes = _section_classes()
+    for section, values in raw.items():
+        if section not in classes:
+            raise ConfigError(f"{origin}: unknown section [{section}]{_suggest(section, classes)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        types = _field_types(classes[section])
+        target = getattr(cfg, section)
+        for name, value in values.items():
+            if name not in types:
+                raise ConfigError(f"{origin}: unknown field {section}.{name}{_suggest(name, types)}")
+            setattr(target, name, _coerce(f"{origin}: {section}.{name}", value, types[name]))
+
+
+def parse_override_value(text: str) -> Any:
+    """A command-line value is read as a TOML value (numbers, booleans, lists, inline tables), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--training.max_steps', '500', '--data.audit=true'] -> {'training': {'max_steps': 500}, 'data': {...}}."""
+    raw: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: expected --section.field value, got {arg!r}")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = parse_override_value(value)
+        i += 1
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        _apply(cfg, raw, str(path))
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> Config:
+    cfg = Config()
+    _apply(cfg, raw, origin)
+    validate(cfg)
+    return cfg
+
+
+def _check_choices(cfg: Config) -> None:
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            choices = f.metadata.get("choices")
+            if choices and getattr(obj, f.name) not in choices:
+                raise ConfigError(
+                    f"{section}.{f.name}: {getattr(obj, f.name)!r} is not one of {', '.join(map(repr, choices))}"
+                )
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    _check_choices(cfg)
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.training
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        _require(getattr(m, name) > 0, f"model.{name}: must be > 0, got {getattr(m, name)}")
+    _require(m.n_embd % m.n_head == 0, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    kv = m.n_kv_head or m.n_head
+    _require(0 < kv <= m.n_head and m.n_head % kv == 0,
+             f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
+    if m.pos_embedding == "rope":
+        _require((m.n_embd // m.n_head) % 2 == 0, "model: rope needs an even head size (n_embd / n_head)")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
+    _require(m.mlp_ratio > 0, f"model.mlp_ratio: must be > 0, got {m.mlp_ratio}")
+    _require(m.norm_eps > 0, f"model.norm_eps: must be > 0, got {m.norm_eps}")
+
+    _require(d.seq_len > 0, f"data.seq_len: must be > 0, got {d.seq_len}")
+    _require(d.seq_len <= m.block_size, f"data.seq_len ({d.seq_len}) must not exceed model.block_size ({m.block_size})")
+    _require(d.prefetch >= 0, f"data.prefetch: must be >= 0, got {d.prefetch}")
+    _require(bool(d.dir), "data.dir: must name a folder")
+    _validate_curriculum(d.curriculum)
+
+    _require(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps >= 0, f"optimizer.decay_steps: must be >= 0, got {o.decay_steps}")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
+    for name in ("beta1", "beta2"):
+        _require(0.0 <= getattr(o, name) < 1.0, f"optimizer.{name}: must be in [0, 1), got {getattr(o, name)}")
+    _require(o.eps > 0, f"optimizer.eps: must be > 0, got {o.eps}")
+    _require(o.grad_clip >= 0, f"optimizer.grad_clip: must be >= 0, got {o.grad_clip}")
+
+    _require(t.max_steps > 0, f"training.max_steps: must be > 0, got {t.max_steps}")
+    _require(o.warmup_steps < t.max_steps,
+             f"optimizer.warmup_steps ({o.warmup_steps}) must be < training.max_steps ({t.max_steps})")
+    _require(t.global_batch_size > 0, f"training.global_batch_size: must be > 0, got {t.global_batch_size}")
+    _require(t.micro_batch_size > 0, f"training.micro_batch_size: must be > 0, got {t.micro_batch_size}")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+             f"training.micro_batch_size ({t.micro_batch_size})")
+    for name in ("log_steps",):
+        _require(getattr(t, name) > 0, f"training.{name}: must be > 0, got {getattr(t, name)}")
+    for name in ("save_steps", "keep_last_k", "keep_milestone_every", "max_runtime_seconds",
+                 "walltime_reserve_seconds", "peak_flops"):
+        _require(getattr(t, name) >= 0, f"training.{name}: must be >= 0, got {getattr(t, name)}")
+    _require(bool(t.output_dir), "training.output_dir: must name a folder")
+    _require(bool(t.resume), "training.resume: must be 'auto', 'scratch' or a checkpoint path")
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    """Rules that depend on how many ranks the job has."""
+    t = cfg.training
+    per_step = t.micro_batch_size * world_size
+    _require(t.global_batch_size % per_step == 0,
+             f"training.global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x world size "
+             f"({t.micro_batch_size} x {world_size} = {per_step})")
+
+
+def _validate_curriculum(phases: list) -> None:
+    for i, phase in enumerate(phases):
+        where = f"data.curriculum[{i}]"
+        _require(isinstance(phase, dict), f"{where}: must be a table {{tokens = N, mix = {{bucket = weight}}}}")
+        unknown = set(phase) - {"tokens", "mix"}
+        _require(not unknown, f"{where}: unknown key {sorted(unknown)[0]!r}{_suggest(sorted(unknown)[0], ['tokens', 'mix'])}")
+        tokens = phase.get("tokens", 0)
+        _require(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0,
+                 f"{where}.tokens: must be an integer >= 0, got {tokens!r}")
+        _require(tokens > 0 or i == len(phases) - 1, f"{where}.tokens: only the last phase may omit its token budget")
+        mix = phase.get("mix")
+        _require(isinstance(mix, dict) and mix, f"{where}.mix: must be a non-empty table of bucket = weight")
+        for bucket, weight in mix.items():
+            _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+                     f"{where}.mix.{bucket}: weight must be a number >= 0, got {weight!r}")
+        _require(sum(mix.values()) > 0, f"{where}.mix: weights must not all be 0")
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """Fields whose values differ between two config dicts: {'optimizer.lr': (old, new)}."""
+    out = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict) and prefix == "":
+            out.update(diff(a, b, f"{key}."))
+        elif a != b:
+            out[name] = (a, b)
+    return out
+
+
+def to_toml(cfg: Config) -> str:
+    """Write the resolved config as TOML (read back by load_config)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for name, value in values.items():
+            lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(type(value))
+
+
+def markdown_reference() -> str:
+    """docs/configuration.md: every field with its type, default and doc."""
+    out = ["# Configuration reference", "",
+           "Generated by `python -m gpt_simple.config --markdown > docs/configuration.md`; do not edit by hand.",
+           "Every field can be set in the TOML file or on the command line as `--section.field value`",
+           "(values are read as TOML: `--data.allow_bucket_exhaustion true`, `--data.curriculum '[{tokens = 1000, mix = {a = 1}}]'`).",
+           ""]
+    for section, cls in _section_classes().items():
+        out += [f"## [{section}]", "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"| `{f.name}` | {_field_types(cls)[f.name].__name__} | `{_toml_value(default)}` | "
+                       f"{f.metadata['doc']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_reference(), end="")
+    else:
+        print("usage: python -m gpt_simple.config --markdown", file=sys.stderr)
+        sys.exit(2)

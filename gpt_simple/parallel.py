@@ -1,0 +1,94 @@
+"""Process group, device, and the parallelize function: FSDP2 per block + root, mixed precision, AC, compile."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from gpt_simple.config import TrainingConfig
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device = 'cuda' but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_choice: str, timeout_s: float = 1800) -> Dist:
+    """Join the torchrun job, or make a one-rank group so FSDP2 and DCP run the same code for world size 1."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(device_choice, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return Dist(rank, local_rank, world_size, device, backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def compute_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype:
+    if training.dtype == "bf16" or (training.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device) -> nn.Module:
+    """Shard each block, then the root (embeddings, final norm, head), in place; returns the same module.
+
+    The model arrives fully initialised and identical on every rank, so sharding keeps each rank's slice of
+    the same weights and initialisation does not depend on the world size.
+    """
+    if training.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if training.compile:
+        for block in model.blocks:
+            block.compile()
+    param_dtype = compute_dtype(training, device)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    model.to(device)
+    for i, block in enumerate(model.blocks):
+        # The last block's parameters are needed again at once by the root's backward: keep them gathered.
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(model.blocks) - 1)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def all_reduce_max(values: list[float], device: torch.device, group=None) -> list[float]:
+    """One small all-reduce for several flags/figures at once (e.g. the per-step stop agreement)."""
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()

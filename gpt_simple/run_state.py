@@ -1,0 +1,120 @@
+"""The run's status file (the orchestrator's only input) and its event log.
+
+output_dir/run_state.json is written atomically by rank 0 (tmp + rename), strict JSON. Readers infer CRASHED
+from a RUNNING file whose heartbeat is older than the writer's own `stale_after_s` (sized from its measured
+step and save times) or, on the same host, whose pid is gone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED = "RUNNING", "STOPPED", "COMPLETED", "HALTED", "ERROR", "CRASHED"
+STATUSES = (RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED)
+STATE_FILE, EVENTS_FILE, HALTED_FILE = "run_state.json", "events.jsonl", "HALTED"
+MIN_STALE_S = 120.0
+
+
+class StateFileError(ValueError):
+    """run_state.json exists but cannot be read as a state."""
+
+
+def _clean(value):
+    """Strict JSON: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_clean(obj), f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, obj) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(_clean(obj), allow_nan=False) + "\n")
+
+
+class RunState:
+    """Rank 0's view of the run's state; every change goes to disk at once."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.dir, self.enabled = Path(output_dir), enabled
+        self.path = self.dir / STATE_FILE
+        previous = read_state(self.dir) if enabled and self.path.exists() else None
+        now = time.time()
+        self.state = {
+            "status": RUNNING, "reason": "starting", "step": 0, "max_steps": None, "tokens": 0,
+            "last_checkpoint": previous.get("last_checkpoint") if previous else None,
+            "started_at": now, "updated_at": now, "heartbeat_at": now, "stale_after_s": MIN_STALE_S,
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "launches": (previous.get("launches", 0) if previous else 0) + 1,
+            "first_started_at": previous.get("first_started_at", now) if previous else now,
+            "deadline_source": None, "deadline_at": None, "error": None,
+        }
+
+    def update(self, **fields) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        self.state.update(fields, updated_at=now, heartbeat_at=now)
+        write_json_atomic(self.path, self.state)
+
+    def heartbeat(self, step: int, tokens: int, step_seconds: float, save_seconds: float) -> None:
+        # A step or a save can legitimately take this long without a heartbeat; past it the run is stale.
+        stale = max(MIN_STALE_S, 10 * step_seconds + 2 * save_seconds)
+        self.update(step=step, tokens=tokens, stale_after_s=stale)
+
+    def event(self, kind: str, **fields) -> None:
+        if self.enabled:
+            append_jsonl(self.dir / EVENTS_FILE, {"time": time.time(), "event": kind, "launch": self.state["launches"],
+                                                  **fields})
+
+
+def read_state(output_dir: Path) -> dict:
+    path = Path(output_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StateFileError(f"{path}: corrupt state file ({e})") from None
+    if not isinstance(state, dict) or state.get("status") not in STATUSES:
+        raise StateFileError(f"{path}: corrupt state file (no valid 'status')")
+    return state
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def effective_status(state: dict, now: float | None = None) -> tuple[str, str | None]:
+    """(status, why) as an orchestrator should read it: RUNNING becomes CRASHED when the writer is gone."""
+    if state["status"] != RUNNING:
+        return state["status"], state.get("reason")
+    now = time.time() if now is None else now
+    age = now - float(state.get("heartbeat_at") or 0)
+    if age > float(state.get("stale_after_s") or MIN_STALE_S):
+        return CRASHED, f"heartbeat stale for {age:.0f}s (limit {state.get('stale_after_s'):.0f}s)"
+    if state.get("host") == socket.gethostname() and state.get("pid") and not _pid_alive(int(state["pid"])):
+        return CRASHED, f"process {state['pid']} on {state['host']} is gone"
+    return RUNNING, state.get("reason")

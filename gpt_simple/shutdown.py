@@ -1,0 +1,133 @@
+"""Graceful shutdown: the deadline, the signal flags, the stop file, and the per-step decision to stop.
+
+Import-light on purpose (no torch): train.py installs the handlers and starts the clock first thing in the
+process, so a relative budget counts from process start and a signal during set-up is not lost.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROCESS_START = time.time()
+STOP_FILE = "STOP"
+GRACEFUL_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+
+@dataclass
+class Deadline:
+    at: float | None      # epoch seconds, or None
+    source: str           # 'training.max_runtime_seconds', 'SLURM_JOB_END_TIME', 'GPT_SIMPLE_MAX_RUNTIME', 'none'
+    warnings: list[str]
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        return None if self.at is None else self.at - (time.time() if now is None else now)
+
+
+def resolve_deadline(max_runtime_seconds: float, environ=os.environ, start: float = PROCESS_START) -> Deadline:
+    """First that applies: the config's budget, SLURM_JOB_END_TIME, GPT_SIMPLE_MAX_RUNTIME, none.
+
+    An unparsable value is reported with its source and the next source is used.
+    """
+    warnings = []
+    if max_runtime_seconds > 0:
+        return Deadline(start + max_runtime_seconds, "training.max_runtime_seconds", warnings)
+    for name, absolute in (("SLURM_JOB_END_TIME", True), ("GPT_SIMPLE_MAX_RUNTIME", False)):
+        raw = environ.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+            if not value > 0 or value != value or value == float("inf"):
+                raise ValueError
+        except ValueError:
+            warnings.append(f"ignoring {name}={raw!r}: not a positive number of seconds")
+            continue
+        return Deadline(value if absolute else start + value, name, warnings)
+    return Deadline(None, "none", warnings)
+
+
+class StopFlags:
+    """Set by signal handlers (which do nothing else); read once per step by the trainer."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._interrupts = 0
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            self._interrupts += 1
+            if self._interrupts > 1:
+                # A second Ctrl-C means "now": skip the final save.
+                os._exit(130)
+        if self.signal_name is None:
+            self.signal_name = name
+
+    def install(self) -> None:
+        for name in GRACEFUL_SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+FLAGS = StopFlags()
+
+
+def install() -> None:
+    """Call first thing in the process (train.py does, before importing torch)."""
+    FLAGS.install()
+
+
+def request_stop(output_dir: str | Path) -> Path:
+    """`gpt-simple stop OUTDIR`: ask a running job to save and exit at its next step."""
+    path = Path(output_dir) / STOP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"stop requested at {time.time():.0f} by pid {os.getpid()}\n")
+    return path
+
+
+class StopPolicy:
+    """Decides, per step and identically on every rank, whether to stop now."""
+
+    REASONS = ("signal", "deadline", "stop_file")
+
+    def __init__(self, output_dir: Path, deadline: Deadline, reserve_seconds: float, flags: StopFlags = FLAGS):
+        self.output_dir, self.deadline, self.reserve, self.flags = Path(output_dir), deadline, reserve_seconds, flags
+
+    def local_votes(self, expected_step_seconds: float, now: float | None = None) -> list[float]:
+        """[signal, deadline, stop file] as 0/1 for this rank; the trainer all-reduces them with MAX."""
+        left = self.deadline.seconds_left(now)
+        near = left is not None and left <= self.reserve + expected_step_seconds
+        return [float(self.flags.requested), float(near), float((self.output_dir / STOP_FILE).exists())]
+
+    def reason(self, votes: list[float]) -> str | None:
+        for name, vote in zip(self.REASONS, votes):
+            if vote > 0:
+                if name == "signal" and self.flags.signal_name:
+                    return f"signal {self.flags.signal_name}"
+                return {"signal": "signal (another rank)", "deadline": f"deadline ({self.deadline.source})",
+                        "stop_file": "stop file"}[name]
+        return None
+
+    def clear_stop_file(self) -> None:
+        try:
+            (self.output_dir / STOP_FILE).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def describe(deadline: Deadline) -> str:
+    if deadline.at is None:
+        return "deadline: none"
+    return f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(deadline.at))} " \
+           f"({deadline.seconds_left():.0f}s left, from {deadline.source})"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,68 @@
+"""Read a run's status for people and orchestrators (read-only; the trainer alone writes the state).
+
+Exit codes: 0 a state was read (whatever the status), 2 usage error, 3 no run in that directory,
+4 the state file is corrupt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from gpt_simple.run_state import StateFileError, effective_status, read_state
+
+EXIT_OK, EXIT_USAGE, EXIT_NO_RUN, EXIT_CORRUPT = 0, 2, 3, 4
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def summary(state: dict, status: str, why: str | None, now: float) -> str:
+    lines = [status,
+             f"step      {state.get('step')}/{state.get('max_steps')}  tokens {state.get('tokens')}",
+             f"checkpoint {state.get('last_checkpoint') or 'none'}",
+             f"reason    {why or state.get('reason')}",
+             f"heartbeat {_ago(now - float(state.get('heartbeat_at') or 0))} "
+             f"(pid {state.get('pid')} on {state.get('host')}, launch {state.get('launches')})",
+             f"deadline  from {state.get('deadline_source')}"]
+    return "\n".join(lines)
+
+
+def status_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="gpt-simple status", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", nargs="?", help="the run's output_dir")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="the run's output_dir")
+    parser.add_argument("--json", action="store_true", help="print the full state as JSON")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    out = args.output_dir or args.dir
+    if not out:
+        print("error: give the run's output directory (status.py OUTDIR or --output_dir OUTDIR)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        state = read_state(Path(out))
+    except FileNotFoundError:
+        print(f"error: {out}: no run here (no run_state.json)", file=sys.stderr)
+        return EXIT_NO_RUN
+    except StateFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CORRUPT
+    now = time.time()
+    status, why = effective_status(state, now)
+    if args.json:
+        print(json.dumps({**state, "status": status, "recorded_status": state["status"], "status_reason": why},
+                         indent=1))
+    else:
+        print(summary(state, status, why, now))
+    return EXIT_OK

@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# gpt-simple: a self-continuing SLURM job. Each job trains until its time limit is near, saves, exits 0;
+# the next job of the chain (queued as soon as this one starts) resumes from the newest checkpoint.
+#
+# Submit (from the repository root, or anywhere; paths below are relative to the submit directory):
+#     GPT_SIMPLE_CONFIG=configs/gpt2.toml GPT_SIMPLE_OUTPUT_DIR=outputs/gpt2 sbatch slurm/resume_chain.sh
+# or, so that sbatch options given on the command line also apply to every later job of the chain:
+#     GPT_SIMPLE_CONFIG=configs/gpt2.toml bash slurm/resume_chain.sh submit --time=04:00:00 --nodes=2
+#
+# Settings (environment variables; sbatch passes the submitting shell's environment to every job):
+#   GPT_SIMPLE_CONFIG        config file                        (default configs/gpt2.toml)
+#   GPT_SIMPLE_OUTPUT_DIR    run directory (training.output_dir) (default outputs/<job name>)
+#   GPT_SIMPLE_EXTRA_ARGS    extra train.py arguments, shell-quoted, e.g. "--training.max_steps 5000"
+#   GPT_SIMPLE_MAX_ATTEMPTS  most jobs in one chain              (default 20)
+#   GPT_SIMPLE_SBATCH_ARGS   extra sbatch options for the successor jobs (set by `submit`)
+#   NPROC                    training processes per node         (default: GPUs on the node, else 1)
+#   PYTHON                   python interpreter                  (default python)
+#   GPT_SIMPLE_HOME          repository with train.py/status.py  (default: this script's ../)
+#   GPT_SIMPLE_SHUTDOWN_TIMEOUT  seconds torchrun waits for workers after forwarding a stop signal
+#                            before it SIGKILLs them; keep it >= training.walltime_reserve_seconds (600)
+# Internal: GPT_SIMPLE_CHAIN_ATTEMPT (this job's place in the chain, 1 for the first job).
+#
+# What one job does:
+#   1. reads the run's status; a finished run (COMPLETED, HALTED, ERROR, CRASHED) ends the chain here;
+#   2. queues its successor right away (--dependency=afterany:<this job>), so the chain survives this job
+#      being killed hard; the successor re-checks the status before it trains;
+#   3. trains in the background; USR1/USR2/TERM/INT reaching this shell are forwarded to the trainer;
+#      SLURM_JOB_END_TIME (the trainer's deadline) is exported when this Slurm does not set it;
+#   4. reads the status again: COMPLETED/HALTED/ERROR/CRASHED cancel the successor; STOPPED leaves it.
+#
+# Logs: Slurm's output file (below) gets this script's decisions and a copy of the training output;
+# <output_dir>/logs/slurm-<jobid>.log keeps the training output of each job next to the run, and
+# <output_dir>/logs/chain.log gets one line per decision of every job.
+#
+#SBATCH --job-name=gpt-simple
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=04:00:00
+# USR1 to this batch shell (B:) 300 s before the time limit; Slurm may deliver it up to a minute early.
+#SBATCH --signal=B:USR1@300
+#SBATCH --output=gpt-simple-%j.out
+#SBATCH --open-mode=append
+#
+# ---- SITE-SPECIFIC: adapt or delete (examples only; gpt-simple depends on none of them) ----------
+##SBATCH --account=my_account
+##SBATCH --partition=gpu
+##SBATCH --gpus-per-node=8
+##SBATCH --cpus-per-task=64
+##SBATCH --exclusive
+##SBATCH --mem=0
+# module load cuda/12.4 nccl
+# source /path/to/venv/bin/activate
+# export NCCL_SOCKET_IFNAME=ib0
+# ---- end of site-specific lines ------------------------------------------------------------------
+
+set -uo pipefail
+
+PYTHON=${PYTHON:-python}
+MAX_ATTEMPTS=${GPT_SIMPLE_MAX_ATTEMPTS:-20}
+ATTEMPT=${GPT_SIMPLE_CHAIN_ATTEMPT:-1}
+SHUTDOWN_TIMEOUT=${GPT_SIMPLE_SHUTDOWN_TIMEOUT:-600}
+
+# ---------------------------------------------------------------------------------------------------
+# `bash slurm/resume_chain.sh submit [sbatch options]`: submit the first job and remember the options
+# so that every successor is submitted with them too.
+if [ "${1:-}" = submit ]; then
+  shift
+  self=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+  GPT_SIMPLE_SBATCH_ARGS=$(printf '%q ' "$@")
+  export GPT_SIMPLE_SBATCH_ARGS
+  unset GPT_SIMPLE_CHAIN_ATTEMPT
+  exec sbatch "$@" "$self"
+fi
+
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  echo "resume_chain.sh: not inside a SLURM job; submit it with sbatch, or: bash $0 submit [sbatch options]" >&2
+  exit 2
+fi
+JOB=$SLURM_JOB_ID
+
+# $0 is Slurm's spooled copy; the successor is submitted from the path the job was submitted with.
+job_field() {  # job_field NAME -> value of NAME= in `scontrol show job`
+  scontrol show job "$JOB" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
+}
+SCRIPT=${GPT_SIMPLE_CHAIN_SCRIPT:-}
+if [ -z "$SCRIPT" ]; then
+  SCRIPT=$(job_field Command)
+  if [ -z "$SCRIPT" ] || [ ! -f "$SCRIPT" ]; then SCRIPT=${SLURM_SUBMIT_DIR:-$PWD}/slurm/resume_chain.sh; fi
+fi
+GPT_SIMPLE_HOME=${GPT_SIMPLE_HOME:-$(cd "$(dirname "$SCRIPT")/.." && pwd)}
+CONFIG=${GPT_SIMPLE_CONFIG:-configs/gpt2.toml}
+OUTDIR=${GPT_SIMPLE_OUTPUT_DIR:-outputs/${SLURM_JOB_NAME:-gpt-simple}}
+eval "EXTRA_ARGS=(${GPT_SIMPLE_EXTRA_ARGS:-})"
+mkdir -p "$OUTDIR/logs"
+JOBLOG=$OUTDIR/logs/slurm-$JOB.log
+
+log() {
+  local line
+  line="$(date '+%Y-%m-%d %H:%M:%S') job=$JOB attempt=$ATTEMPT/$MAX_ATTEMPTS $*"
+  echo "[resume_chain] $line"
+  echo "$line" >>"$OUTDIR/logs/chain.log"
+}
+
+# status_word: the first line of `status.py OUTDIR`; NONE when there is no run yet, UNREADABLE when
+# the state file is corrupt or status.py failed. STATUS_TEXT keeps the whole report.
+status_word() {
+  local rc
+  STATUS_TEXT=$("$PYTHON" "$GPT_SIMPLE_HOME/status.py" "$OUTDIR" 2>&1)
+  rc=$?
+  case $rc in
+    0) STATUS=$(printf '%s\n' "$STATUS_TEXT" | head -n 1 | tr -d '[:space:]') ;;
+    3) STATUS=NONE ;;
+    *) STATUS=UNREADABLE ;;
+  esac
+}
+reason_line() {  # the line of the status report that says why (falls back to the second line)
+  local r
+  r=$(printf '%s\n' "$STATUS_TEXT" | grep -i -m 1 'reason' || true)
+  [ -n "$r" ] || r=$(printf '%s\n' "$STATUS_TEXT" | sed -n 2p)
+  printf '%s' "$r"
+}
+
+SUCCESSOR=""
+cancel_successor() {
+  if [ -n "$SUCCESSOR" ]; then
+    scancel "$SUCCESSOR" 2>/dev/null && log "cancelled successor job $SUCCESSOR"
+    SUCCESSOR=""
+  fi
+}
+
+# Signals reaching this shell before or while the trainer runs. They are forwarded once the trainer
+# has installed its handlers (a python process that has not would be killed by USR1).
+PENDING=""
+TRAINER_PID=""
+on_signal() {
+  log "received SIG$1"
+  PENDING="$PENDING $1"
+}
+for s in USR1 USR2 TERM INT; do trap "on_signal $s" "$s"; done
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Is there anything left to do?
+status_word
+log "start on ${SLURM_JOB_NODELIST:-?} ($SLURM_JOB_NUM_NODES node(s)); run status at start: $STATUS"
+case $STATUS in
+  COMPLETED) log "run already COMPLETED; chain ends"; exit 0 ;;
+  HALTED)    log "run is HALTED: a human must decide (see $OUTDIR/HALTED); chain ends without training"; exit 0 ;;
+  ERROR|CRASHED) log "run is $STATUS ($(reason_line)); refusing to resume; chain ends"; exit 1 ;;
+  UNREADABLE) log "cannot read the run status: $(printf '%s' "$STATUS_TEXT" | tail -n 1); chain ends"; exit 1 ;;
+esac
+
+# 2. Queue the successor now: if this job is killed hard, the chain still goes on.
+if [ "$ATTEMPT" -lt "$MAX_ATTEMPTS" ]; then
+  sb=(--parsable --dependency="afterany:$JOB" --job-name="${SLURM_JOB_NAME:-gpt-simple}"
+      --nodes="${SLURM_JOB_NUM_NODES:-1}")
+  limit=$(squeue -h -j "$JOB" -o %l 2>/dev/null)
+  case $limit in ''|UNLIMITED|NOT_SET|INVALID) ;; *) sb+=(--time="$limit") ;; esac
+  [ -n "${SLURM_JOB_PARTITION:-}" ] && sb+=(--partition="$SLURM_JOB_PARTITION")
+  [ -n "${SLURM_JOB_ACCOUNT:-}" ] && sb+=(--account="$SLURM_JOB_ACCOUNT")
+  eval "sb+=(${GPT_SIMPLE_SBATCH_ARGS:-})"
+  if SUCCESSOR=$(env -u SLURM_JOB_END_TIME GPT_SIMPLE_CHAIN_ATTEMPT=$((ATTEMPT + 1)) \
+                 sbatch "${sb[@]}" "$SCRIPT" 2>&1); then
+    SUCCESSOR=${SUCCESSOR%%;*}
+    log "queued successor job $SUCCESSOR (attempt $((ATTEMPT + 1)), after this job ends)"
+  else
+    log "WARNING: could not queue a successor ($SUCCESSOR); the chain ends after this job"
+    SUCCESSOR=""
+  fi
+else
+  log "attempt cap reached (GPT_SIMPLE_MAX_ATTEMPTS=$MAX_ATTEMPTS): no successor will be queued"
+fi
+
+# 3. The deadline. Newer Slurm exports SLURM_JOB_END_TIME; older (e.g. 22.05) does not, and a value
+# inherited from the submitting environment would be stale, so this job's own end time wins.
+end=$(squeue -h -j "$JOB" -o %e 2>/dev/null)
+if end_s=$(date -d "$end" +%s 2>/dev/null) && [ "$end_s" -gt "$(date +%s)" ]; then
+  export SLURM_JOB_END_TIME=$end_s
+fi
+log "deadline: SLURM_JOB_END_TIME=${SLURM_JOB_END_TIME:-unset} (${end:-?})"
+
+# Launch: one process per GPU on every node; torchrun on each node via srun when there are several.
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+if [ -z "${NPROC:-}" ]; then
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then NPROC=$SLURM_GPUS_ON_NODE
+  elif command -v nvidia-smi >/dev/null 2>&1; then NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  fi
+  [ "${NPROC:-0}" -ge 1 ] 2>/dev/null || NPROC=1
+fi
+train=("$GPT_SIMPLE_HOME/train.py" --config "$CONFIG" --training.output_dir "$OUTDIR" "${EXTRA_ARGS[@]}")
+torchrun=("$PYTHON" -m torch.distributed.run --nproc-per-node="$NPROC" --max-restarts=0
+          --signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2 --shutdown-timeout="$SHUTDOWN_TIMEOUT")
+USE_SRUN=0
+if [ "$NNODES" -gt 1 ] || [ "${GPT_SIMPLE_USE_SRUN:-0}" = 1 ]; then
+  USE_SRUN=1
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_PORT=${MASTER_PORT:-$((29500 + JOB % 1000))}
+  cmd=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+       "${torchrun[@]}" --nnodes="$NNODES" --rdzv-backend=c10d --rdzv-id="$JOB"
+       --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" "${train[@]}")
+elif [ "$NPROC" -gt 1 ]; then
+  cmd=("${torchrun[@]}" --standalone "${train[@]}")
+else
+  cmd=("$PYTHON" "${train[@]}")
+fi
+
+caught() {  # caught PID SIGNAME: has PID installed a handler for the signal?
+  local num mask
+  num=$(kill -l "$2" 2>/dev/null) || return 1
+  mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null)
+  [ -n "$mask" ] && (( (16#$mask >> (num - 1)) & 1 ))
+}
+ready_for() {  # ready_for SIGNAME: may the signal be forwarded to the trainer now?
+  local c
+  if [ "$USE_SRUN" = 1 ]; then
+    # the trainers run on other nodes: wait until one of them has written the run state
+    [ "$OUTDIR/run_state.json" -nt "$LAUNCH_MARK" ]
+    return
+  fi
+  caught "$TRAINER_PID" "$1" || return 1
+  for c in $(pgrep -P "$TRAINER_PID" 2>/dev/null); do  # torchrun's workers
+    caught "$c" "$1" || return 1
+  done
+}
+forward_pending() {
+  local s target waited=$1
+  for s in $PENDING; do
+    if ready_for "$s" || [ "$waited" -ge 180 ]; then
+      target=$s
+      # INT goes out as TERM: the trainer reads a second SIGINT as "exit now, no save", and srun
+      # answers a single SIGINT with a status report.
+      [ "$s" = INT ] && target=TERM
+      log "forwarding SIG$target to the trainer (pid $TRAINER_PID)"
+      kill -s "$target" "$TRAINER_PID" 2>/dev/null
+      PENDING=${PENDING/ $s/}
+    fi
+  done
+}
+
+LAUNCH_MARK=$OUTDIR/logs/.launch-$JOB
+touch "$LAUNCH_MARK"
+log "launch: ${cmd[*]}"
+log "training output: $JOBLOG"
+"${cmd[@]}" >>"$JOBLOG" 2>&1 &
+TRAINER_PID=$!
+tail -n +1 -F --pid="$TRAINER_PID" "$JOBLOG" 2>/dev/null &
+TAIL_PID=$!
+
+# Wait for the trainer. A trapped signal interrupts `wait`; it is forwarded once the trainer is ready.
+rc=""
+waited=0
+while kill -0 "$TRAINER_PID" 2>/dev/null; do
+  if [ -n "$PENDING" ]; then
+    forward_pending "$waited"
+    if [ -n "$PENDING" ]; then sleep 1; waited=$((waited + 1)); continue; fi
+  fi
+  wait "$TRAINER_PID"
+  rc=$?
+done
+if [ -z "$rc" ] || [ "$rc" -gt 128 ]; then  # the last wait was interrupted, or never ran
+  wait "$TRAINER_PID" 2>/dev/null
+  r=$?
+  [ "$r" = 127 ] || rc=$r
+fi
+wait "$TAIL_PID" 2>/dev/null  # tail stops by itself once the trainer is gone
+rm -f "$LAUNCH_MARK"
+
+# 4. Decide from the status, not from the exit code.
+status_word
+log "trainer exited with code $rc; run status: $STATUS"
+case $STATUS in
+  COMPLETED)
+    log "run COMPLETED; chain ends"
+    cancel_successor; exit 0 ;;
+  HALTED)
+    log "run HALTED: a human must decide (see $OUTDIR/HALTED and docs/orchestration.md); chain ends"
+    cancel_successor; exit 0 ;;
+  ERROR|CRASHED)
+    log "run $STATUS: $(reason_line); not resubmitting; inspect $JOBLOG"
+    cancel_successor; exit 1 ;;
+  NONE|UNREADABLE)
+    log "no readable run state after training (exit code $rc); not resubmitting; inspect $JOBLOG"
+    cancel_successor; exit 1 ;;
+  *)
+    if [ -n "$SUCCESSOR" ]; then log "run $STATUS; successor job $SUCCESSOR resumes it"
+    else log "run $STATUS but no successor is queued; resubmit to continue"; fi
+    exit 0 ;;
+esac
