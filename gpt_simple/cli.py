@@ -14,6 +14,8 @@ commands:
   stop      DIR                                         ask a running job to save and exit
   prepare   INPUT... --out DIR --bucket NAME | --demo DIR   tokenize text into shards
   validate  --config FILE [overrides]                   check config and data demand without training
+  export    CHECKPOINT OUT [--hf]                       consolidated safetensors weights + model config
+  generate  --output_dir DIR | --checkpoint PATH        sample text from the newest checkpoint
 """
 
 
@@ -60,8 +62,18 @@ def prepare_cmd(argv: list[str]) -> int:
     return prepare_main(argv)
 
 
+def export_cmd(argv: list[str]) -> int:
+    from gpt_simple.export import export_main
+    return export_main(argv)
+
+
+def generate_cmd(argv: list[str]) -> int:
+    from gpt_simple.export import generate_main
+    return generate_main(argv)
+
+
 COMMANDS = {"train": train_main, "status": status_cmd, "stop": stop_cmd, "prepare": prepare_cmd,
-            "validate": validate_cmd}
+            "validate": validate_cmd, "export": export_cmd, "generate": generate_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:
