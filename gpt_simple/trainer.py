@@ -172,7 +172,8 @@ class Trainer:
                             f"{self.cfg.data.seed}); resuming would not continue the same data stream")
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def train_step(self, batch) -> tuple[torch.Tensor, float]:
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Forward/backward over this rank's micro-batches, clip, step. Returns (mean loss, grad norm, lr)."""
         inputs, targets = batch.inputs, batch.targets
         accum = inputs.shape[0]
         loss_sum = torch.zeros((), device=self.dist.device)
@@ -189,11 +190,12 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.step + 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (loss_sum / accum, grad_norm), lr
+        return loss_sum / accum, grad_norm, lr
 
-    def global_mean(self, value: torch.Tensor) -> float:
-        value = value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
-        return float(value)
+    @staticmethod
+    def to_float(value: torch.Tensor) -> float:
+        """A (possibly sharded DTensor) scalar as a Python float."""
+        return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
     def run_loop(self) -> str:
         t, max_steps = self.cfg.training, self.cfg.training.max_steps
@@ -214,7 +216,7 @@ class Trainer:
             except BucketExhausted as e:
                 raise Halt(e) from None
             data_wait += time.perf_counter() - step_start
-            (loss, grad_norm), lr = self.train_step(batch)
+            loss, grad_norm, lr = self.train_step(batch)
             self.step += 1
             self.stream.commit(batch)
             if self.audit:
@@ -246,7 +248,7 @@ class Trainer:
             raise FloatingPointError(f"loss is {loss_value} at step {self.step}; stopping without saving this state")
         tokens_per_s = window_tokens / max(window_seconds, 1e-9)
         mfu = (self.flops_per_token * tokens_per_s / (self.peak * self.dist.world_size)) if self.peak else None
-        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": self.global_mean(grad_norm),
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": self.to_float(grad_norm),
                   "tokens": self.tokens, "tokens_per_s": tokens_per_s, "mfu": mfu,
                   "data_wait_frac": data_wait / max(window_seconds, 1e-9)}
         if self.dist.device.type == "cuda":

@@ -1,0 +1,77 @@
+"""Shared test helpers: the demo corpus built once per session, and real train.py subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# A model small enough that a subprocess run of a few steps takes seconds on one CPU core.
+TINY = ["--config", str(ROOT / "configs" / "tiny.toml"),
+        "--model.n_layer", "2", "--model.n_embd", "64", "--model.n_head", "2",
+        "--data.seq_len", "64", "--model.block_size", "64",
+        "--training.global_batch_size", "8", "--training.micro_batch_size", "4",
+        "--training.log_steps", "1", "--training.save_steps", "0",
+        "--optimizer.warmup_steps", "2", "--optimizer.decay_steps", "20"]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The embedded demo corpus, built once for all xdist workers (they share the base temp dir's parent)."""
+    shared = Path(os.environ.get("GPT_SIMPLE_TEST_DATA", tmp_path_factory.getbasetemp().parent / "demo-data"))
+    shared.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared) + ".lock"):
+        from gpt_simple.data.prepare import ensure_demo
+        ensure_demo(str(shared))
+    return shared
+
+
+def train_cmd(*args: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [PYTHON, str(ROOT / "train.py"), *args]
+    return [TORCHRUN, "--nproc_per_node", str(nproc), "--signals_to_handle", "SIGTERM,SIGINT,SIGUSR1,SIGUSR2",
+            str(ROOT / "train.py"), *args]
+
+
+def child_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_END_TIME", "GPT_SIMPLE_MAX_RUNTIME")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_train(out: Path, data: Path, *args: str, nproc: int = 1, env: dict | None = None,
+              timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py (or torchrun) on the tiny config into `out`; extra args override."""
+    cmd = train_cmd(*TINY, "--data.dir", str(data), "--data.demo", "false",
+                    "--training.output_dir", str(out), *args, nproc=nproc)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in metrics(out)]
+
+
+def status_word(out: Path) -> str:
+    proc = subprocess.run([PYTHON, str(ROOT / "status.py"), str(out)], capture_output=True, text=True)
+    return proc.stdout.splitlines()[0] if proc.stdout else f"<exit {proc.returncode}: {proc.stderr.strip()}>"
+
+
+def events(out: Path) -> list[dict]:
+    path = Path(out) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
