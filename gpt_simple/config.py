@@ -305,8 +305,8 @@ def _validate_curriculum(phases: list) -> None:
     for i, phase in enumerate(phases):
         where = f"data.curriculum[{i}]"
         _require(isinstance(phase, dict), f"{where}: must be a table {{tokens = N, mix = {{bucket = weight}}}}")
-        unknown = set(phase) - {"tokens", "mix"}
-        _require(not unknown, f"{where}: unknown key {sorted(unknown)[0]!r}{_suggest(sorted(unknown)[0], ['tokens', 'mix'])}")
+        for key in sorted(set(phase) - {"tokens", "mix"}):
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, ['tokens', 'mix'])}")
         tokens = phase.get("tokens", 0)
         _require(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0,
                  f"{where}.tokens: must be an integer >= 0, got {tokens!r}")
