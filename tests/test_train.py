@@ -2,6 +2,7 @@
 follows the 1-process loss trajectory."""
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -62,12 +63,10 @@ def test_loss_falls_on_the_demo_corpus(tmp_path, demo_data):
 
 @pytest.mark.parametrize("entry", [["gpt-simple", "train"], [PYTHON, "-m", "gpt_simple", "train"]])
 def test_console_entries_train(tmp_path, demo_data, entry):
-    if entry[0] == "gpt-simple":
-        entry = [str(ROOT / ".venv" / "bin" / "gpt-simple"), "train"] if (ROOT / ".venv/bin/gpt-simple").exists() \
-            else [PYTHON.replace("python", "gpt-simple"), "train"]
+    if entry[0] == "gpt-simple":  # installed next to the interpreter by `pip install -e .`
+        entry = [str(Path(PYTHON).with_name("gpt-simple")), "train"]
     out = tmp_path / "run"
-    args = [a.replace("configs/tiny.toml", str(ROOT / "configs/tiny.toml")) for a in TINY]
-    proc = subprocess.run([*entry, *args, "--data.dir", str(demo_data), "--data.demo", "false",
+    proc = subprocess.run([*entry, *TINY, "--data.dir", str(demo_data), "--data.demo", "false",
                            "--training.output_dir", str(out), "--training.max_steps", "2"],
                           cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
