@@ -67,7 +67,7 @@ def test_console_entries_train(tmp_path, demo_data, entry):
         entry = [str(Path(PYTHON).with_name("gpt-simple")), "train"]
     out = tmp_path / "run"
     proc = subprocess.run([*entry, *TINY, "--data.dir", str(demo_data), "--data.demo", "false",
-                           "--training.output_dir", str(out), "--training.max_steps", "2"],
+                           "--training.output_dir", str(out), "--training.max_steps", "3"],
                           cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert status_word(out) == "COMPLETED"
