@@ -1,0 +1,539 @@
+"""The orchestration templates: slurm/resume_chain.sh, k8s/job.yaml, scripts/local_loop.sh.
+
+Static checks: bash syntax of every script, the Kubernetes objects against the Kubernetes API schemas
+(kubernetes-validate), and the numbers that must agree with each other. End-to-end checks run the real
+scripts around real tiny training runs (configs/tiny.toml on CPU) and compare each orchestrated run's loss
+trace with an uninterrupted run of the same config: N interrupted jobs must equal one long job.
+
+The SLURM test needs a SLURM cluster: one already answering `sinfo`, or one that scripts/ci_slurm.sh can
+install and start (root + apt). Elsewhere it is skipped, saying why; GPT_SIMPLE_REQUIRE_SLURM=1 (set it in
+CI) turns that skip into a failure.
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+LOCAL_LOOP = REPO / "scripts" / "local_loop.sh"
+CHAIN = REPO / "slurm" / "resume_chain.sh"
+CI_SLURM = REPO / "scripts" / "ci_slurm.sh"
+K8S_JOB = REPO / "k8s" / "job.yaml"
+SHELL_SCRIPTS = [CHAIN, LOCAL_LOOP, CI_SLURM]
+# A recent Kubernetes release whose schemas kubernetes-validate ships (it carries 1.25 ... 1.37).
+K8S_VERSION = "1.33.0"
+TERMINAL = {"COMPLETED", "HALTED", "ERROR", "CRASHED"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+def k8s_objects() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all(K8S_JOB.read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def entrypoint_text() -> str:
+    return k8s_objects()["ConfigMap"]["data"]["entrypoint.sh"]
+
+
+def container_env(job: dict) -> dict[str, str]:
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process' environment without anything that would change a run's deadline or settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "GPT_SIMPLE_", "TORCHELASTIC_"))
+           and k not in ("NPROC", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # one thread per run: runs side by side on 2 cores, and the same float reductions in every run
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHON=PYTHON, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def status_of(outdir: Path) -> str:
+    r = subprocess.run([PYTHON, str(REPO / "status.py"), str(outdir)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, f"status.py {outdir}: exit {r.returncode}\n{r.stdout}{r.stderr}"
+    return r.stdout.splitlines()[0].strip()
+
+
+def events(outdir: Path) -> list[dict]:
+    path = outdir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def launches(outdir: Path) -> list[list[dict]]:
+    """events.jsonl split per launch (one launch = one training process)."""
+    out: dict[int, list[dict]] = {}
+    for e in events(outdir):
+        out.setdefault(e["launch"], []).append(e)
+    return [out[k] for k in sorted(out)]
+
+
+def end_events(launch: list[dict]) -> list[dict]:
+    return [e for e in launch if e["event"] in ("stop", "complete", "halt", "error")]
+
+
+def loss_trace(outdir: Path) -> list[tuple[int, float]]:
+    lines = (outdir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, filter(str.strip, lines))]
+
+
+def assert_same_losses(run: Path, reference: Path) -> None:
+    got, want = loss_trace(run), loss_trace(reference)
+    assert [s for s, _ in got] == [s for s, _ in want], "logged steps differ (a step skipped or repeated)"
+    diff = [(s, a, b) for (s, a), (_, b) in zip(got, want) if a != b]
+    assert not diff, f"{len(diff)} losses differ from the uninterrupted run, first: {diff[:3]}"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def logged_steps(outdir: Path) -> int:
+    path = outdir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The embedded demo corpus, built once (shared by pytest-xdist workers through a lock)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "demo-data"
+    with open(root / "demo-data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from gpt_simple.data.prepare import ensure_demo
+        ensure_demo(str(path))
+    return path
+
+
+def tiny_args(demo: Path, max_steps: int, reserve: float) -> list[str]:
+    return ["--data.dir", str(demo), "--training.max_steps", str(max_steps), "--training.log_steps", "1",
+            "--training.walltime_reserve_seconds", str(reserve), "--training.tensorboard", "false"]
+
+
+def start_reference(demo: Path, outdir: Path, max_steps: int) -> subprocess.Popen:
+    """An uninterrupted run of the same config (no deadline), started beside the orchestrated one."""
+    log = open(outdir.parent / f"{outdir.name}.log", "w")
+    return subprocess.Popen([PYTHON, str(REPO / "train.py"), "--config", "configs/tiny.toml",
+                             "--training.output_dir", str(outdir), *tiny_args(demo, max_steps, 10)],
+                            cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish_reference(proc: subprocess.Popen, outdir: Path) -> None:
+    assert proc.wait(timeout=600) == 0, (outdir.parent / f"{outdir.name}.log").read_text()[-3000:]
+    assert status_of(outdir) == "COMPLETED"
+    assert len(launches(outdir)) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# static checks
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shell_syntax(script: Path):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert script.read_text().startswith("#!/usr/bin/env bash\n")
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+def test_k8s_entrypoint_syntax(tmp_path):
+    script = tmp_path / "entrypoint.sh"
+    script.write_text(entrypoint_text())
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_k8s_manifests_match_the_kubernetes_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    objects = k8s_objects()
+    assert set(objects) == {"PersistentVolumeClaim", "ConfigMap", "Job"}
+    for kind, obj in objects.items():
+        # strict: an unknown field (a typo) is an error too
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("breakage", ["typo_field", "wrong_type", "bad_volume"])
+def test_k8s_validation_rejects_a_broken_manifest(breakage):
+    """The schema check above is real: the same validator refuses a damaged copy of the Job."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    job = copy.deepcopy(k8s_objects()["Job"])
+    pod = job["spec"]["template"]["spec"]
+    if breakage == "typo_field":
+        pod["containers"][0]["volumeMount"] = pod["containers"][0].pop("volumeMounts")
+    elif breakage == "wrong_type":
+        job["spec"]["backoffLimit"] = "twenty"
+    else:
+        pod["volumes"][0]["persistentVolumeClaim"] = {"readOnly": True}  # claimName is required
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+def test_k8s_job_numbers_agree():
+    objects = k8s_objects()
+    job, pvc, cm = objects["Job"], objects["PersistentVolumeClaim"], objects["ConfigMap"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = container_env(job)
+    assert pod["restartPolicy"] == "OnFailure"
+    # podFailurePolicy is only accepted with restartPolicy Never: the API server would refuse this Job
+    assert "podFailurePolicy" not in spec
+    assert spec["backoffLimit"] >= 1
+    reserve = float(env["GPT_SIMPLE_RESERVE_SECONDS"])
+    max_runtime = float(env["GPT_SIMPLE_MAX_RUNTIME"])
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= reserve + 30, "SIGKILL would cut the final save short"
+    assert reserve < max_runtime
+    assert spec["activeDeadlineSeconds"] >= max_runtime + grace, "the Job deadline would cut every attempt"
+    # the volumes the container uses are the objects of this file
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert volumes["run"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert volumes["entrypoint"]["configMap"]["name"] == cm["metadata"]["name"]
+    assert env["GPT_SIMPLE_OUTPUT_DIR"].startswith(mounts["run"].rstrip("/") + "/"), "output_dir not on the PVC"
+    assert container["command"] == ["bash", f"{mounts['entrypoint']}/entrypoint.sh"]
+    assert "entrypoint.sh" in cm["data"]
+    # the entrypoint's restart code is the one OnFailure acts on (non-zero), and the docs say so
+    assert re.search(r"^ *RESTART=75\b", entrypoint_text(), re.M)
+    assert "75" in (REPO / "docs" / "orchestration.md").read_text()
+
+
+def test_slurm_header():
+    text = CHAIN.read_text()
+    directives = [l for l in text.splitlines() if l.startswith("#SBATCH")]
+    first_command = next(i for i, l in enumerate(text.splitlines()) if l.strip() and not l.startswith("#"))
+    last_directive = max(i for i, l in enumerate(text.splitlines()) if l.startswith("#SBATCH"))
+    assert last_directive < first_command, "sbatch ignores #SBATCH lines after the first command"
+    assert any(re.fullmatch(r"#SBATCH --signal=B:USR1@\d+", l) for l in directives)
+    assert any(l.startswith("#SBATCH --time=") for l in directives)
+    # site-specific lines are there, but commented out
+    site = text.split("SITE-SPECIFIC", 1)[1].split("end of site-specific", 1)[0]
+    assert "##SBATCH --account=" in site and "##SBATCH --partition=" in site
+    assert all(l.startswith("#") for l in site.splitlines()[1:] if l.strip())
+    assert "--dependency=\"afterany:$JOB\"" in text
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2" in text
+
+
+def test_k8s_readme_variant_validates():
+    """k8s/README.md shows a restartPolicy Never + podFailurePolicy variant; it must be valid too."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    readme = REPO / "k8s" / "README.md"
+    blocks = re.findall(r"```yaml\n(.*?)```", readme.read_text(), re.S)
+    assert blocks, "k8s/README.md has no yaml block"
+    for block in blocks:
+        for obj in yaml.safe_load_all(block):
+            if obj:
+                kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+                pod = obj["spec"]["template"]["spec"]
+                if "podFailurePolicy" in obj["spec"]:
+                    assert pod["restartPolicy"] == "Never"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# local loop, end to end
+def run_loop(outdir: Path, args: list[str], timeout: float = 400, **env: str) -> subprocess.CompletedProcess:
+    env = clean_env(GPT_SIMPLE_CONFIG="configs/tiny.toml", GPT_SIMPLE_OUTPUT_DIR=str(outdir),
+                    GPT_SIMPLE_RETRY_DELAY="0", **env)
+    return subprocess.run(["bash", str(LOCAL_LOOP), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_local_loop_resumes_until_completed(tmp_path, demo_data):
+    steps = 120
+    ref = start_reference(demo_data, tmp_path / "reference", steps)
+    out = tmp_path / "loop"
+    t0 = time.time()
+    r = run_loop(out, tiny_args(demo_data, steps, 3), GPT_SIMPLE_MAX_RUNTIME="15")
+    print(f"local loop: {time.time() - t0:.0f}s")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert status_of(out) == "COMPLETED"
+    runs = launches(out)
+    logs = sorted((out / "logs").glob("attempt-*.log"))
+    assert len(runs) >= 2, f"the run needed a single attempt: make it longer ({r.stdout[-2000:]})"
+    assert len(logs) == len(runs), [p.name for p in logs]
+    for i, (launch, log) in enumerate(zip(runs, logs)):
+        (end,) = end_events(launch)
+        if i < len(runs) - 1:
+            assert end["event"] == "stop" and end["reason"] == "deadline (GPT_SIMPLE_MAX_RUNTIME)", end
+            assert "STOPPED" in log.read_text()
+        else:
+            assert end["event"] == "complete"
+            assert "COMPLETED" in log.read_text()
+        assert launch[0]["deadline_source"] == "GPT_SIMPLE_MAX_RUNTIME"
+    assert "run COMPLETED" in (out / "logs" / "loop.log").read_text()
+    finish_reference(ref, tmp_path / "reference")
+    assert_same_losses(out, tmp_path / "reference")
+
+    # a finished run: the loop trains no more
+    again = run_loop(out, tiny_args(demo_data, steps, 3))
+    assert again.returncode == 0 and "run COMPLETED" in again.stdout
+    assert len(launches(out)) == len(runs)
+
+
+@pytest.mark.slow
+def test_local_loop_attempt_cap_error_and_refusal(tmp_path, demo_data):
+    out = tmp_path / "run"
+    args = tiny_args(demo_data, 2000, 3)
+    # cap: one attempt of ~10 s is not enough for 2000 steps -> exit 4, the run is resumable
+    r = run_loop(out, args, GPT_SIMPLE_MAX_RUNTIME="10", GPT_SIMPLE_MAX_ATTEMPTS="1")
+    assert r.returncode == 4, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "attempt cap reached" in r.stdout
+    assert status_of(out) == "STOPPED"
+    # a real error: the checkpoint's architecture differs from the config -> the trainer records ERROR
+    r = run_loop(out, [*args, "--model.n_layer", "2"], GPT_SIMPLE_MAX_RUNTIME="10")
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert status_of(out) == "ERROR"
+    assert "run ERROR" in r.stdout and "architecture" in r.stdout
+    n = len(launches(out))
+    assert n == 2
+    # an ERROR run is not resumed, not even by a new loop
+    r = run_loop(out, args, GPT_SIMPLE_MAX_RUNTIME="10")
+    assert r.returncode == 1 and "run ERROR" in r.stdout
+    assert len(launches(out)) == n
+    assert len(list((out / "logs").glob("attempt-*.log"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_local_loop_signal_saves_and_ends_the_loop(tmp_path, demo_data, sig):
+    out = tmp_path / "run"
+    env = clean_env(GPT_SIMPLE_CONFIG="configs/tiny.toml", GPT_SIMPLE_OUTPUT_DIR=str(out),
+                    GPT_SIMPLE_RETRY_DELAY="0")
+    proc = subprocess.Popen(["bash", str(LOCAL_LOOP), *tiny_args(demo_data, 5000, 3)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: logged_steps(out) >= 3, 120, "the first logged steps")
+        proc.send_signal(sig)  # to the loop only, as a scheduler or `kill` would
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, output[-3000:]
+    assert status_of(out) == "STOPPED"
+    (launch,) = launches(out)
+    (end,) = end_events(launch)
+    assert end["event"] == "stop" and end["reason"].startswith("signal"), end
+    assert any(e["event"] == "save" for e in launch)
+    assert "start the loop again to resume" in output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kubernetes entrypoint, end to end (the container's script, run here the way the kubelet runs it)
+def entrypoint_env(tmp_path: Path, outdir: Path, demo: Path, steps: int, extra: str = "", **more: str):
+    job_env = container_env(k8s_objects()["Job"])
+    args = " ".join(tiny_args(demo, steps, 3)) + (" " + extra if extra else "")
+    env = clean_env(**{**job_env, "GPT_SIMPLE_HOME": str(REPO), "GPT_SIMPLE_CONFIG": "configs/tiny.toml",
+                       "GPT_SIMPLE_OUTPUT_DIR": str(outdir), "GPT_SIMPLE_EXTRA_ARGS": args,
+                       "GPT_SIMPLE_TERMINATION_LOG": str(tmp_path / "termination-log"),
+                       "PYTHON": PYTHON, "HOSTNAME": "pod-0"})
+    env.pop("GPT_SIMPLE_RESERVE_SECONDS")  # the test's own reserve is in the extra args
+    env.pop("GPT_SIMPLE_MAX_RUNTIME")
+    env.update(more)
+    return env
+
+
+def write_entrypoint(tmp_path: Path) -> Path:
+    path = tmp_path / "entrypoint.sh"
+    path.write_text(entrypoint_text())
+    return path
+
+
+@pytest.mark.slow
+def test_k8s_entrypoint_restarts_until_completed(tmp_path, demo_data):
+    steps = 120
+    ref = start_reference(demo_data, tmp_path / "reference", steps)
+    out = tmp_path / "run"
+    script = write_entrypoint(tmp_path)
+    env = entrypoint_env(tmp_path, out, demo_data, steps, GPT_SIMPLE_MAX_RUNTIME="15")
+    backoff_limit = k8s_objects()["Job"]["spec"]["backoffLimit"]
+    codes = []
+    for _ in range(backoff_limit + 1):  # what restartPolicy OnFailure does with the exit code
+        r = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        codes.append(r.returncode)
+        if r.returncode == 0:
+            break
+        assert r.returncode == 75, r.stdout[-3000:] + r.stderr[-2000:]
+        assert status_of(out) == "STOPPED"
+        assert "restarts the container" in (tmp_path / "termination-log").read_text()
+    assert codes[-1] == 0 and len(codes) >= 2, codes
+    assert status_of(out) == "COMPLETED"
+    assert "COMPLETED" in (tmp_path / "termination-log").read_text()
+    assert len(launches(out)) == len(codes)
+    assert len(list((out / "logs").glob("k8s-pod-0-*.log"))) >= 1
+    finish_reference(ref, tmp_path / "reference")
+    assert_same_losses(out, tmp_path / "reference")
+    # a restarted container of a finished run exits 0 at once
+    r = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "run status at start: COMPLETED" in r.stdout
+    assert len(launches(out)) == len(codes)
+
+
+@pytest.mark.slow
+def test_k8s_entrypoint_sigterm_error_and_crash(tmp_path, demo_data):
+    out = tmp_path / "run"
+    script = write_entrypoint(tmp_path)
+    env = entrypoint_env(tmp_path, out, demo_data, 5000)
+    # 1. pod termination: SIGTERM reaches only PID 1 (the entrypoint); the trainer must still save
+    proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: logged_steps(out) >= 3, 120, "the first logged steps")
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output[-3000:]
+    assert status_of(out) == "STOPPED"
+    (end,) = end_events(launches(out)[0])
+    assert end == {**end, "event": "stop", "reason": "signal SIGTERM"}
+
+    # 2. a real ERROR (resuming with another architecture): exit 0 so that OnFailure does not retry it
+    bad = entrypoint_env(tmp_path, out, demo_data, 5000, extra="--model.n_layer 2")
+    r = subprocess.run(["bash", str(script)], cwd=REPO, env=bad, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert status_of(out) == "ERROR"
+    message = (tmp_path / "termination-log").read_text()
+    assert "run ERROR" in message and "Not restarting" in message and "architecture" in message
+    n = len(launches(out))
+    r = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "run status at start: ERROR" in r.stdout
+    assert len(launches(out)) == n
+
+    # 3. a real crash: the trainer is SIGKILLed mid-run (the OOM killer, a node loss)
+    crashed = tmp_path / "crashed"
+    trainer = subprocess.Popen([PYTHON, str(REPO / "train.py"), "--config", "configs/tiny.toml",
+                                "--training.output_dir", str(crashed), *tiny_args(demo_data, 5000, 3)],
+                               cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: logged_steps(crashed) >= 3, 120, "the first logged steps")
+    finally:
+        trainer.kill()
+        trainer.wait()
+    env_c = entrypoint_env(tmp_path, crashed, demo_data, 5000)
+    r = subprocess.run(["bash", str(script)], cwd=REPO, env=env_c, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "run status at start: CRASHED" in r.stdout
+    assert "CRASHED" in (tmp_path / "termination-log").read_text()
+    assert len(launches(crashed)) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SLURM, end to end, on a real one-node cluster
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    required = os.environ.get("GPT_SIMPLE_REQUIRE_SLURM") == "1"
+
+    def unavailable(reason: str):
+        if required:
+            pytest.fail(f"GPT_SIMPLE_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+
+    check = subprocess.run(["bash", str(CI_SLURM), "check"], capture_output=True)
+    if check.returncode == 0:
+        yield
+        return
+    if os.geteuid() != 0:
+        unavailable("no SLURM cluster answers, and starting one (scripts/ci_slurm.sh up) needs root")
+    r = subprocess.run(["bash", str(CI_SLURM), "up"], capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        unavailable(f"scripts/ci_slurm.sh up failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
+    yield
+    subprocess.run(["bash", str(CI_SLURM), "down"], capture_output=True, timeout=120)
+
+
+def squeue_ids(name: str) -> list[str]:
+    r = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True)
+    return r.stdout.split()
+
+
+def job_state(job_id: str) -> str:
+    r = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    m = re.search(r"JobState=(\S+)", r.stdout)
+    return m.group(1) if m else "?"
+
+
+@pytest.mark.slow
+def test_slurm_chain_resumes_until_completed(tmp_path, demo_data, slurm_cluster):
+    steps = 300
+    name = f"gs-chain-{os.getpid()}"
+    out = tmp_path / "run"
+    ref = start_reference(demo_data, tmp_path / "reference", steps)
+    env = clean_env(GPT_SIMPLE_CONFIG="configs/tiny.toml", GPT_SIMPLE_OUTPUT_DIR=str(out),
+                    GPT_SIMPLE_EXTRA_ARGS=" ".join(tiny_args(demo_data, steps, 40)), GPT_SIMPLE_MAX_ATTEMPTS="12")
+    # --time=1 (minute) and USR1 30 s before it; reserve 40 s: each job stops ~20 s in, on the signal
+    # or on its deadline, whichever comes first.
+    t0 = time.time()
+    r = subprocess.run(["bash", str(CHAIN), "submit", "--time=1", "--signal=B:USR1@30", f"--job-name={name}",
+                        f"--output={tmp_path}/%x-%j.out"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.split()[-1]
+    try:
+        # drive the first job's stop by hand, as Slurm's B:USR1 does: the signal goes to the batch shell only
+        wait_for(lambda: logged_steps(out) >= 5, 180, "the first job's first steps")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", first], check=True)
+        wait_for(lambda: not squeue_ids(name), 480, "the chain to end", interval=2)
+    finally:
+        for job_id in squeue_ids(name):
+            subprocess.run(["scancel", job_id])
+    print(f"slurm chain: {time.time() - t0:.0f}s")
+    chain_log = (out / "logs" / "chain.log").read_text()
+    assert status_of(out) == "COMPLETED", chain_log
+
+    jobs = sorted({int(j) for j in re.findall(r"job=(\d+) .*launch: ", chain_log)})
+    runs = launches(out)
+    assert len(runs) == len(jobs) >= 3, f"{len(runs)} launches in {len(jobs)} jobs; make the run longer\n{chain_log}"
+    for i, (job, launch) in enumerate(zip(jobs, runs)):
+        assert launch[0]["deadline_source"] == "SLURM_JOB_END_TIME", launch[0]  # exported by the script
+        (end,) = end_events(launch)
+        job_log = (out / "logs" / f"slurm-{job}.log").read_text()
+        if i < len(runs) - 1:
+            assert end["event"] == "stop", end
+            assert end["reason"] in ("signal SIGUSR1", "deadline (SLURM_JOB_END_TIME)"), end
+            assert f"job={job} attempt={i + 1}/12 trainer exited with code 0; run status: STOPPED" in chain_log
+            assert "STOPPED" in job_log
+        else:
+            assert end["event"] == "complete"
+            assert "COMPLETED" in job_log
+        # every job ended on its own, in time: Slurm did not kill it
+        assert job_state(str(job)) == "COMPLETED", (job, job_state(str(job)))
+    assert runs[0][-1]["reason"] == "signal SIGUSR1"  # the scancel --batch above, forwarded by the script
+    # the last job cancelled the successor it had queued
+    last_successor = re.findall(rf"job={jobs[-1]} .*queued successor job (\d+)", chain_log)
+    if last_successor:
+        assert job_state(last_successor[0]) == "CANCELLED"
+        assert f"cancelled successor job {last_successor[0]}" in chain_log
+    finish_reference(ref, tmp_path / "reference")
+    assert_same_losses(out, tmp_path / "reference")
+
+    # a job of a finished run exits at once and queues nothing
+    r = subprocess.run(["sbatch", "--parsable", "--time=1", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out",
+                        str(CHAIN)], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    late = r.stdout.strip().split(";")[0]
+    wait_for(lambda: not squeue_ids(name), 120, "the late job to end", interval=1)
+    chain_log = (out / "logs" / "chain.log").read_text()
+    assert f"job={late} attempt=1/12 run already COMPLETED; chain ends" in chain_log
+    assert not re.search(rf"job={late} .*queued successor", chain_log)
+    assert len(launches(out)) == len(runs)
