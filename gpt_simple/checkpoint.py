@@ -4,13 +4,20 @@ A checkpoint directory holds the DCP shards of model + optimizer (each rank writ
 counters, data cursor, config, architecture hash; written by rank 0) and rng/rank-R.json. It is written as
 checkpoints/.tmp-NAME and becomes checkpoints/NAME (rename) only after every rank's write has finished and
 COMMITTED has been written inside it; discovery sees committed directories only, so an interrupted save is
-never loaded, and start-up removes its leftovers. Nothing is unpickled: DCP reads tensors, the rest is JSON.
+never loaded, and start-up removes its leftovers.
+
+Nothing from disk is unpickled into arbitrary objects: meta.json and the RNG files are JSON, tensors are read
+by DCP with torch.load(weights_only=True), DCP's own .metadata file goes through an allow-list unpickler
+(only DCP's metadata dataclasses, torch.Size, dtypes and paths), and DCP's non-tensor entries (optimizer
+hyper-parameters) are read with torch.load(weights_only=True) instead of DCP's default weights_only=False.
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -20,18 +27,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from gpt_simple.config import Config, ConfigError, ModelConfig, diff
 from gpt_simple.parallel import all_reduce_max
 
 COMMITTED = "COMMITTED"
 META = "meta.json"
 KINDS = {"periodic": "", "shutdown": "-shutdown", "final": "-final"}
 NAME_RE = re.compile(r"^step-(\d+)(-shutdown|-final)?$")
+CORRUPT_PREFIX = "corrupt-"
+# Test and drill knob: every checkpoint write sleeps this long first (a slow filesystem), so a test can stop or
+# kill a job while a save is in flight. Unset in production.
+SAVE_DELAY_ENV = "GPT_SIMPLE_SAVE_DELAY_S"
 
 
 class CheckpointError(RuntimeError):
     """A save that failed, or a checkpoint that cannot be used."""
+
+
+class ArchitectureMismatch(ConfigError):
+    """The checkpoint's model architecture differs from the config's: refused, never a reason to fall back."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +88,30 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable {META} ({e})") from None
 
 
+def check_architecture(meta: dict, model_cfg: ModelConfig, where) -> None:
+    """Refuse a checkpoint whose architecture hash differs from `model_cfg`, naming the differing fields."""
+    now = Config(model=model_cfg)
+    if meta.get("arch_hash") == now.arch_hash():
+        return
+    fields = diff(meta.get("architecture") or {}, now.architecture())
+    named = ", ".join(f"model.{k} ({a!r} in checkpoint, {b!r} now)" for k, (a, b) in fields.items()) or \
+        f"arch hash {meta.get('arch_hash')!r} in checkpoint, {now.arch_hash()!r} now"
+    raise ArchitectureMismatch(f"{where}: architecture differs from the config: {named}")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def rng_state(device: torch.device) -> dict:
@@ -92,9 +129,101 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(tensor(state["cuda"]), device)
 
 
+# -- safe reading of DCP checkpoints ------------------------------------------------------------------------
+_DCP_METADATA_TYPES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout name to torch.strided etc.
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes its .metadata with pickle; read it back allowing only DCP's own metadata types."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_METADATA_TYPES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not a DCP metadata "
+                                     f"type; refusing to unpickle it")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata read goes through the allow-list unpickler (tensors: weights_only)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata ({type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner reading non-tensor entries with torch.load(weights_only=True) (DCP's default is False)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class _Writer(FileSystemWriter):
+    """FileSystemWriter (fsyncs every file) with the optional test delay before writing."""
+
+    def write_data(self, plan, planner):
+        delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
+        if delay > 0:
+            time.sleep(delay)
+        return super().write_data(plan, planner)
+
+
+def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The full (unsharded) model weights of a checkpoint, in this process, without torch.distributed.
+
+    Reads only the tensors under `prefix` (the optimizer state is skipped) and returns them with the prefix
+    removed, as plain CPU tensors named like GPT.state_dict().
+    """
+    path = Path(path)
+    try:
+        metadata = SafeFileSystemReader(path).read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, CheckpointError) as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+    state = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and hasattr(md, "size"):
+            state[key[len(prefix):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    if not state:
+        raise CheckpointError(f"{path}: no tensors under {prefix!r} in the checkpoint")
+    try:
+        dcp.load({prefix.rstrip("."): state}, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(),
+                 no_dist=True)
+    except Exception as e:  # noqa: BLE001 - DCP wraps read errors in its own exception types
+        raise CheckpointError(f"{path}: cannot read the model tensors ({type(e).__name__}: {e})") from None
+    return state
+
+
 class _Pending:
-    def __init__(self, info: CheckpointInfo, tmp: Path, future, started: float, blocked: float):
+    def __init__(self, info: CheckpointInfo, tmp: Path, future, started: float, blocked: float,
+                 asynchronous: bool):
         self.info, self.tmp, self.future, self.started, self.blocked = info, tmp, future, started, blocked
+        self.asynchronous = asynchronous
 
 
 class CheckpointManager:
@@ -111,6 +240,7 @@ class CheckpointManager:
         self.last_committed: CheckpointInfo | None = None
         self.last_save_seconds = 0.0
         self.history: list[dict] = []  # one record per committed save: blocking and total seconds
+        self._stager = None
         # Background DCP collectives get their own gloo group so they never interleave with training's.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
@@ -119,7 +249,7 @@ class CheckpointManager:
         """Remove directories of saves that never committed (killed mid-write); rank 0, before any save."""
         removed = []
         if self.rank == 0 and self.root.is_dir():
-            for path in self.root.iterdir():
+            for path in sorted(self.root.iterdir()):
                 if path.name.startswith((".tmp-", ".trash-")) or (NAME_RE.match(path.name) and
                                                                   not (path / COMMITTED).exists()):
                     shutil.rmtree(path, ignore_errors=True)
@@ -136,29 +266,52 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
+    def _agree_failed(self, error: BaseException | None) -> bool:
+        return all_reduce_max([float(error is not None)], torch.device("cpu"), self.group)[0] > 0
+
+    def stager(self):
+        """One DCP stager for the run: its CPU staging buffers are allocated once and reused by every save
+        (fresh buffers cost page faults on each save); pinned memory and non-blocking copies on CUDA."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            cuda = self.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._stager
+
     def save(self, step: int, meta: dict, kind: str = "periodic", asynchronous: bool = False) -> None:
-        """Start a save of the current state at `step`; synchronous saves are committed before returning."""
+        """Start a save of the current state at `step`; synchronous saves are committed before returning.
+
+        Every rank takes part. A failure on any rank (disk full, permission) raises CheckpointError on every
+        rank, leaves the previous checkpoints untouched and the partial directory for the next start to remove.
+        """
         self.wait()
         info = CheckpointInfo(self.root / checkpoint_name(step, kind), step, kind)
         tmp = self.root / f".tmp-{info.name}"
         started = time.perf_counter()
+        error: BaseException | None = None
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-            (tmp / META).write_text(json.dumps({**meta, "step": step, "kind": kind, "saved_at": time.time()}))
-        if dist.is_initialized():
-            dist.barrier()
-        (tmp / "rng" / f"rank-{self.rank}.json").write_text(json.dumps(rng_state(self.device)))
-        state = self._app_state()
-        if asynchronous:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
-        else:
-            future = None
             try:
-                dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
-            except Exception as e:  # noqa: BLE001 - every rank must reach the agreement in _commit
-                future = e
-        self.pending = _Pending(info, tmp, future, started, time.perf_counter() - started)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "rng").mkdir(parents=True)
+                _write_durable(tmp / META, json.dumps({**meta, "step": step, "kind": kind, "saved_at": time.time()}))
+            except OSError as e:
+                error = e
+        if self._agree_failed(error):  # also the barrier: the directory exists before any rank writes into it
+            self._raise_failed(info, tmp, error)
+        future = None
+        try:
+            _write_durable(tmp / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state(self.device)))
+            state = self._app_state()
+            writer = _Writer(str(tmp))
+            if asynchronous:
+                future = dcp.async_save(state, storage_writer=writer, process_group=self.group,
+                                        async_stager=self.stager())
+            else:
+                dcp.save(state, storage_writer=writer, process_group=self.group)
+        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement in _commit
+            future = e
+        self.pending = _Pending(info, tmp, future, started, time.perf_counter() - started, asynchronous)
         self.last_saved_step = step
         if not asynchronous:
             self._commit()
@@ -173,42 +326,57 @@ class CheckpointManager:
             self._commit()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is written, then commit it."""
+        """Block until the save in flight (if any) is written, then commit it. The time the caller blocks
+        here counts as that save's blocking time."""
         if self.pending is not None:
+            start = time.perf_counter()
             future = self.pending.future
             if future is not None and hasattr(future, "done"):
                 try:
                     future.result()
                 except Exception:  # noqa: BLE001 - reported by _commit on every rank
                     pass
+            self.pending.blocked += time.perf_counter() - start
             self._commit()
+
+    def _raise_failed(self, info: CheckpointInfo, tmp: Path, error: BaseException | None):
+        reason = f"{type(error).__name__}: {error}" if error else "a write failed on another rank"
+        raise CheckpointError(f"saving {info.name} failed ({reason}); the previous checkpoints are untouched "
+                              f"and {tmp} will be removed at the next start")
 
     def _commit(self) -> None:
         p, self.pending = self.pending, None
         error = p.future if isinstance(p.future, BaseException) else (
             p.future.exception() if p.future is not None else None)
-        failed = all_reduce_max([float(error is not None)], torch.device("cpu"), self.group)[0] > 0
-        if failed:
-            reason = f"{type(error).__name__}: {error}" if error else "a write failed on another rank"
-            raise CheckpointError(f"saving {p.info.name} failed ({reason}); the previous checkpoint is untouched "
-                                  f"and {p.tmp} will be removed at the next start")
+        if self._agree_failed(error):
+            self._raise_failed(p.info, p.tmp, error)
+        size = None
         if self.rank == 0:
-            marker = p.tmp / COMMITTED
-            with open(marker, "w") as f:
-                f.write(json.dumps({"committed_at": time.time()}))
-                f.flush()
-                os.fsync(f.fileno())
-            if p.info.path.exists():  # same name saved again (e.g. after a fallback): replace it whole
-                shutil.rmtree(p.info.path)
-            os.replace(p.tmp, p.info.path)
-            _fsync_dir(self.root)
+            try:
+                size = sum(f.stat().st_size for f in p.tmp.rglob("*") if f.is_file())
+                _write_durable(p.tmp / COMMITTED, json.dumps({"committed_at": time.time()}))
+                _fsync_dir(p.tmp)
+                if p.info.path.exists():  # same name saved again (after resuming an older checkpoint)
+                    trash = self.root / f".trash-{p.info.name}"
+                    shutil.rmtree(trash, ignore_errors=True)
+                    os.replace(p.info.path, trash)
+                os.replace(p.tmp, p.info.path)
+                _fsync_dir(self.root)
+            except OSError as e:
+                error = e
+        if self._agree_failed(error):
+            self._raise_failed(p.info, p.tmp, error)
+        if self.rank == 0:
+            shutil.rmtree(self.root / f".trash-{p.info.name}", ignore_errors=True)
             self._apply_retention()
         total = time.perf_counter() - p.started
         self.last_save_seconds = total
         self.last_committed = p.info
-        record = {"checkpoint": p.info.name, "step": p.info.step, "blocking_s": p.blocked, "total_s": total}
+        record = {"checkpoint": p.info.name, "step": p.info.step, "type": p.info.kind, "async": p.asynchronous,
+                  "blocking_s": p.blocked, "total_s": total, "bytes": size}
         self.history.append(record)
-        self.log(f"checkpoint {p.info.name} committed (loop blocked {p.blocked:.2f}s, total {total:.2f}s)")
+        self.log(f"checkpoint {p.info.name} committed ({'async' if p.asynchronous else 'sync'}: loop blocked "
+                 f"{p.blocked:.2f}s, total {total:.2f}s)")
         if self.on_commit is not None:
             self.on_commit(record)
 
@@ -227,10 +395,17 @@ class CheckpointManager:
 
     # -- loading ----------------------------------------------------------------------------------------
     def load(self, info: CheckpointInfo) -> dict:
-        """Load model, optimizer and this rank's RNG from `info`; returns its meta.json."""
+        """Load model, optimizer and this rank's RNG from `info`; returns its meta.json.
+
+        A different architecture raises ArchitectureMismatch before any tensor is read.
+        """
         meta = read_meta(info.path)
+        model_cfg = getattr(self.model, "cfg", None)
+        if isinstance(model_cfg, ModelConfig):
+            check_architecture(meta, model_cfg, info.path)
         state = self._app_state()
-        dcp.load(state, checkpoint_id=str(info.path), process_group=self.group)
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
+                 process_group=self.group)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = info.path / "rng" / f"rank-{self.rank}.json"
         if rng_file.exists():
@@ -242,18 +417,56 @@ class CheckpointManager:
         return meta
 
     def load_with_fallback(self, candidates: list[CheckpointInfo], on_fallback) -> tuple[CheckpointInfo, dict]:
-        """Try the newest first; a checkpoint that fails on any rank is skipped, loudly, for the one before."""
+        """Try the newest first; a checkpoint that fails on any rank is skipped, loudly, for the one before.
+
+        Once an older one has loaded, the ones that failed are renamed to corrupt-NAME (kept for inspection,
+        never loaded, never counted by retention) so that the run's new saves do not sit behind them. An
+        architecture mismatch is not a corrupt checkpoint: it is raised at once.
+        """
+        failed: list[CheckpointInfo] = []
         for info in reversed(candidates):
             error = None
             try:
                 meta = self.load(info)
+            except ArchitectureMismatch:
+                raise
             except Exception as e:  # noqa: BLE001 - agree across ranks before deciding
                 error = e
-            if all_reduce_max([float(error is not None)], torch.device("cpu"), self.group)[0] == 0:
+            if not self._agree_failed(error):
+                self._quarantine(failed)
                 return info, meta
-            on_fallback(info, error)
+            failed.append(info)
+            on_fallback(info, error or CheckpointError("failed to load on another rank"))
         raise CheckpointError(f"no checkpoint under {self.root} could be loaded "
                               f"(tried {', '.join(c.name for c in reversed(candidates))})")
 
+    def _quarantine(self, failed: list[CheckpointInfo]) -> None:
+        if self.rank == 0:
+            for info in failed:
+                target = info.path.with_name(f"{CORRUPT_PREFIX}{info.name}")
+                if target.exists():
+                    target = info.path.with_name(f"{CORRUPT_PREFIX}{info.name}-{int(time.time())}")
+                try:
+                    os.replace(info.path, target)
+                    self.log(f"moved the checkpoint that failed to load to {target}")
+                except OSError as e:
+                    self.log(f"could not move {info.path} aside ({e})")
+        if dist.is_initialized():
+            dist.barrier()
+
     def close(self) -> None:
         self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+
+def model_config_from_meta(meta: dict) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    arch = meta.get("architecture") or meta.get("config", {}).get("model", {})
+    return ModelConfig(**{k: v for k, v in arch.items() if k in names})
+
+
+__all__ = ["COMMITTED", "META", "NAME_RE", "ArchitectureMismatch", "CheckpointError", "CheckpointInfo",
+           "CheckpointManager", "SafeFileSystemReader", "SafeLoadPlanner", "check_architecture", "list_committed",
+           "load_model_state", "model_config_from_meta", "read_meta"]

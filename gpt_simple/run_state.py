@@ -17,6 +17,7 @@ RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED = "RUNNING", "STOPPED", "COM
 STATUSES = (RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED)
 STATE_FILE, EVENTS_FILE, HALTED_FILE = "run_state.json", "events.jsonl", "HALTED"
 MIN_STALE_S = 120.0
+SETUP_STALE_S = 900.0  # start-up (imports, model build, checkpoint load) writes few heartbeats
 
 
 class StateFileError(ValueError):
@@ -59,7 +60,7 @@ class RunState:
         self.state = {
             "status": RUNNING, "reason": "starting", "step": 0, "max_steps": None, "tokens": 0,
             "last_checkpoint": previous.get("last_checkpoint") if previous else None,
-            "started_at": now, "updated_at": now, "heartbeat_at": now, "stale_after_s": MIN_STALE_S,
+            "started_at": now, "updated_at": now, "heartbeat_at": now, "stale_after_s": SETUP_STALE_S,
             "pid": os.getpid(), "host": socket.gethostname(),
             "launches": (previous.get("launches", 0) if previous else 0) + 1,
             "first_started_at": previous.get("first_started_at", now) if previous else now,

@@ -316,7 +316,7 @@ def test_local_loop_attempt_cap_error_and_refusal(tmp_path, demo_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_local_loop_signal_saves_and_ends_the_loop(tmp_path, demo_data, sig):
     out = tmp_path / "run"
     env = clean_env(GPT_SIMPLE_CONFIG="configs/tiny.toml", GPT_SIMPLE_OUTPUT_DIR=str(out),
