@@ -20,7 +20,9 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +221,11 @@ def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tens
     return state
 
 
+def _remove_all(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class _Pending:
     def __init__(self, info: CheckpointInfo, tmp: Path, future, started: float, blocked: float,
                  asynchronous: bool):
@@ -345,21 +352,23 @@ class CheckpointManager:
                               f"and {tmp} will be removed at the next start")
 
     def _commit(self) -> None:
+        """Agree that every rank's write succeeded, then mark and rename (rank 0). Runs in the loop: its time
+        counts as blocking."""
+        commit_start = time.perf_counter()
         p, self.pending = self.pending, None
         error = p.future if isinstance(p.future, BaseException) else (
             p.future.exception() if p.future is not None else None)
         if self._agree_failed(error):
             self._raise_failed(p.info, p.tmp, error)
-        size = None
+        size, replaced = None, None
         if self.rank == 0:
             try:
                 size = sum(f.stat().st_size for f in p.tmp.rglob("*") if f.is_file())
                 _write_durable(p.tmp / COMMITTED, json.dumps({"committed_at": time.time()}))
                 _fsync_dir(p.tmp)
                 if p.info.path.exists():  # same name saved again (after resuming an older checkpoint)
-                    trash = self.root / f".trash-{p.info.name}"
-                    shutil.rmtree(trash, ignore_errors=True)
-                    os.replace(p.info.path, trash)
+                    replaced = self._trash_name(p.info.name)
+                    os.replace(p.info.path, replaced)
                 os.replace(p.tmp, p.info.path)
                 _fsync_dir(self.root)
             except OSError as e:
@@ -367,8 +376,8 @@ class CheckpointManager:
         if self._agree_failed(error):
             self._raise_failed(p.info, p.tmp, error)
         if self.rank == 0:
-            shutil.rmtree(self.root / f".trash-{p.info.name}", ignore_errors=True)
-            self._apply_retention()
+            self._apply_retention([replaced] if replaced else [])
+        p.blocked += time.perf_counter() - commit_start
         total = time.perf_counter() - p.started
         self.last_save_seconds = total
         self.last_committed = p.info
@@ -380,18 +389,24 @@ class CheckpointManager:
         if self.on_commit is not None:
             self.on_commit(record)
 
-    def _apply_retention(self) -> None:
+    def _trash_name(self, name: str) -> Path:
+        return self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+
+    def _apply_retention(self, trash: list[Path] | None = None) -> None:
+        """Keep the newest keep_last_k, every multiple of keep_milestone_every, and always the newest."""
+        trash = list(trash or [])
         ckpts = self.committed()
-        if self.keep_last_k <= 0 or len(ckpts) <= self.keep_last_k:
-            return
-        keep = {c.path for c in ckpts[-self.keep_last_k:]} | {ckpts[-1].path}
-        if self.keep_milestone_every:
-            keep |= {c.path for c in ckpts if c.step % self.keep_milestone_every == 0}
-        for c in ckpts:
-            if c.path not in keep:
-                trash = self.root / f".trash-{c.name}"
-                os.replace(c.path, trash)  # atomic: a half-deleted checkpoint is never visible
-                shutil.rmtree(trash, ignore_errors=True)
+        if self.keep_last_k > 0 and len(ckpts) > self.keep_last_k:
+            keep = {c.path for c in ckpts[-self.keep_last_k:]} | {ckpts[-1].path}
+            if self.keep_milestone_every:
+                keep |= {c.path for c in ckpts if c.step % self.keep_milestone_every == 0}
+            for c in ckpts:
+                if c.path not in keep:
+                    trash.append(self._trash_name(c.name))
+                    os.replace(c.path, trash[-1])  # atomic: a half-deleted checkpoint is never visible
+        if trash:  # deleting gigabytes takes a while: not in the loop. Not a daemon: the process finishes the
+            # deletion before it exits; after a kill, start-up removes the leftover .trash-* directories.
+            threading.Thread(target=_remove_all, args=(trash,), name="checkpoint-retention").start()
 
     # -- loading ----------------------------------------------------------------------------------------
     def load(self, info: CheckpointInfo) -> dict:

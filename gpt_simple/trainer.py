@@ -290,6 +290,8 @@ class Trainer:
             return 0
         except USER_ERRORS as e:
             return self.fail(e, code=2, show_traceback=False)
+        except FloatingPointError as e:  # diverged: the message says where; no state is saved
+            return self.fail(e, code=1, show_traceback=False)
         except Exception as e:  # noqa: BLE001 - recorded as ERROR, then re-reported with its traceback
             return self.fail(e, code=1, show_traceback=True)
         finally:
