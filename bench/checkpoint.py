@@ -8,7 +8,7 @@ saved through gpt_simple.checkpoint.CheckpointManager exactly as the trainer sav
     CPU buffers the manager allocates once and reuses) + the commit (marker + rename), while the write runs
     in DCP's background thread.
 
-    python bench/checkpoint.py            # 3 sync + 3 async saves after a warm-up async save
+    python bench/checkpoint.py            # 5 sync + 5 async saves after a warm-up async save
     python bench/checkpoint.py --quick    # 1 + 1
     python bench/checkpoint.py --dir /fast/disk   # where to write (default: a temp dir, removed afterwards)
 
@@ -57,11 +57,18 @@ def _async_save(mgr, step: int) -> dict:
     while mgr.pending_vote():
         time.sleep(0.005)
     mgr.maybe_commit(False)
-    return mgr.history[-1]
+    return _done(mgr)
 
 
 def _sync_save(mgr, step: int) -> dict:
     mgr.save(step, {"bench": True}, "periodic", asynchronous=False)
+    return _done(mgr)
+
+
+def _done(mgr) -> dict:
+    """Delete the checkpoint now, outside the timed part (in training, retention deletes it in a background
+    thread long before the next save; here it would compete with the next measurement)."""
+    shutil.rmtree(mgr.last_committed.path)
     return mgr.history[-1]
 
 
@@ -78,13 +85,13 @@ def run(quick: bool = False, directory: str | None = None, device: str = "auto",
     from gpt_simple.checkpoint import CheckpointManager
     from gpt_simple.parallel import shutdown_distributed
 
-    reps = 1 if quick else 3
+    reps = 1 if quick else 5
     out = Path(tempfile.mkdtemp(prefix="gpt-simple-bench-ckpt-", dir=directory))
     log = print if verbose else (lambda *_: None)
     try:
         cfg, d, model, optimizer = _build(device)
         n_params = sum(p.numel() for p in model.parameters())
-        mgr = CheckpointManager(out, model, optimizer, d.device, d.rank, keep_last_k=1, log=log)
+        mgr = CheckpointManager(out, model, optimizer, d.device, d.rank, keep_last_k=0, log=log)
         step = 0
         first = _async_save(mgr, step := step + 1)  # allocates the staging buffers once
         sync, asyn = [], []
@@ -130,7 +137,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one save of each kind instead of three")
+    parser.add_argument("--quick", action="store_true", help="one save of each kind instead of five")
     parser.add_argument("--dir", help="folder to write the checkpoints in (default: system temp dir)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--verbose", action="store_true", help="print each save's commit line")

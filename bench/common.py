@@ -34,7 +34,7 @@ def median(xs):
 
 def spread(xs) -> str:
     """'min..max over n' of a sample, for the notes."""
-    xs = [x for x in xs if x is not None]
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
         return "no samples"
     return f"{_num(min(xs))}..{_num(max(xs))} over {len(xs)}"
@@ -358,12 +358,21 @@ class FrozenTrain:
         self.samples: list[float] = []   # corrected seconds per step
         self.records: list[dict] = []
 
-    def warm_up(self, steps: int, timeout: float = 600) -> None:
-        self.run.wait_step(steps, timeout)
-        self.step = steps
+    def last_step(self) -> int:
+        return max((rec.get("step", 0) for rec in self.run.metrics()), default=0)
+
+    def ready(self, steps: int) -> bool:
+        """Non-blocking warm-up: once `steps` steps are logged, freeze the run and return True."""
+        if self.stopped_at is not None:
+            return True
+        self.run._check_alive(f"warm-up step {steps}")
+        if self.last_step() < steps:
+            return False
         time.sleep(self.FREEZE_DELAY_S)
         self.run.signal(signal.SIGSTOP)
         self.stopped_at = time.perf_counter()
+        self.step = self.last_step()
+        return True
 
     def advance(self, timeout: float = 600) -> float:
         resumed = time.perf_counter()
@@ -376,7 +385,9 @@ class FrozenTrain:
         self.step += 1
         window = self.tokens / rec["tokens_per_s"]
         seconds = window - frozen
-        if seconds <= 0.2 * window:  # the freeze fell outside the window (should not happen): drop the sample
+        overshot = self.last_step() != self.step
+        if overshot or seconds <= 0.2 * window:  # the freeze missed its window (should not happen): no sample
+            self.step = self.last_step()
             seconds = float("nan")
         self.samples.append(seconds)
         self.records.append({**rec, "frozen_s": frozen, "seconds": seconds})

@@ -6,6 +6,7 @@ the same warm-up + cosine learning rate, gradient clipping, gradient accumulatio
 and batches of the same shape read from the same demo shards (contiguous windows, loaded synchronously).
 
     python bench/plain_loop.py --config configs/bench.toml --steps 10 [--section.field value ...]
+    python bench/plain_loop.py --gate ...   (bench/throughput.py: one step per line on stdin)
 
 prints one JSON line per step ({"step", "seconds", "tokens_per_s", "loss"}) on stdout; bench/throughput.py
 reads them. Everything train.py adds on top of this loop is overhead that the throughput ratio measures.
@@ -53,6 +54,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench.toml"))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--gate", action="store_true",
+                        help="print {\"ready\": true}, then do one step per line read on stdin until EOF (lockstep)")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     m, o, t, d = cfg.model, cfg.optimizer, cfg.training, cfg.data
@@ -70,7 +73,13 @@ def main(argv: list[str]) -> int:
     per_step = accum * micro * (seq + 1)
     decay_steps = o.decay_steps or max(1, t.max_steps - o.warmup_steps)
     cursor = 0
-    for step in range(1, args.steps + 1):
+    if args.gate:
+        print(json.dumps({"ready": True}), flush=True)
+    step = 0
+    while args.gate or step < args.steps:
+        if args.gate and not sys.stdin.readline():
+            break
+        step += 1
         start = time.perf_counter()
         if cursor + per_step > len(tokens):
             cursor = 0

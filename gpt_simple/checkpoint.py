@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,8 +215,10 @@ def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tens
     if not state:
         raise CheckpointError(f"{path}: no tensors under {prefix!r} in the checkpoint")
     try:
-        dcp.load({prefix.rstrip("."): state}, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(),
-                 no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({prefix.rstrip("."): state}, storage_reader=SafeFileSystemReader(path),
+                     planner=SafeLoadPlanner(), no_dist=True)
     except Exception as e:  # noqa: BLE001 - DCP wraps read errors in its own exception types
         raise CheckpointError(f"{path}: cannot read the model tensors ({type(e).__name__}: {e})") from None
     return state

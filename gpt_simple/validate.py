@@ -1,0 +1,207 @@
+"""`gpt-simple validate --config FILE` and `train.py --dry-run`: will the data carry the run?
+
+Checks the config and the shards (headers, tokenizer, vocabulary against the model), then predicts, phase by
+phase and bucket by bucket, how many tokens the curriculum will read from each bucket over the run (from the
+newest checkpoint on, if the run has one) against what each bucket holds, without reading a token. Prints one
+table per phase; exit 0 when the data covers the run, 2 with one `error: ...` line when it does not (a bucket
+that would run dry while data.allow_bucket_exhaustion is false, or data that runs out altogether) or when the
+config or the data is unusable.
+"""
+from __future__ import annotations
+
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from gpt_simple.config import Config, ConfigError
+from gpt_simple.data.curriculum import DataError, Prediction, phase_sequences, predict
+from gpt_simple.data.shards import ShardError
+
+UNLIMITED = 10**18
+
+
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+        self.errors: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        self.lines.append(line)
+
+
+def _steps(first_seq: int, end_seq: int, g: int) -> str:
+    """Steps (1-based) covering global sequences [first_seq, end_seq)."""
+    if end_seq <= first_seq:
+        return "no steps"
+    a, b = first_seq // g + 1, -(-end_seq // g)
+    inside = []
+    if first_seq % g:
+        inside.append(f"starts inside step {a}")
+    if end_seq % g:
+        inside.append(f"ends inside step {b}")
+    return f"steps {a}-{b}" + (f" ({', '.join(inside)})" if inside else "")
+
+
+def _pct(w: Fraction) -> str:
+    return f"{float(w) * 100:.1f}%"
+
+
+def _resume_state(cfg: Config, stream, rep: Report) -> tuple[dict, str | None]:
+    """The data cursor the run would resume from (the trainer's rule), or the initial one."""
+    from gpt_simple.checkpoint import CheckpointError, NAME_RE, list_committed, read_meta
+    from gpt_simple.data import fingerprint
+    policy, out = cfg.training.resume, Path(cfg.training.output_dir)
+    if policy == "scratch":
+        return stream.initial_state(), None
+    if policy == "auto":
+        found = list_committed(out / "checkpoints")
+        if not found:
+            return stream.initial_state(), None
+        path = found[-1].path
+    else:
+        path = Path(policy)
+        if not NAME_RE.match(path.name) or not (path / "COMMITTED").exists():
+            raise ConfigError(f"training.resume: {policy!r} is not a committed checkpoint directory")
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        raise DataError(str(e)) from None
+    saved, now = meta.get("data_fingerprint"), fingerprint(stream)
+    if saved != now or meta["config"]["data"]["seed"] != cfg.data.seed:
+        raise DataError(f"{path}: the data changed since this checkpoint (buckets [docs, tokens] then {saved}, "
+                        f"now {now}); resuming would not continue the same data stream")
+    stream.load_state_dict(meta["data"])
+    return stream.state_dict(), path.name
+
+
+def check(cfg: Config) -> Report:
+    from gpt_simple.data import demo_buckets, open_data
+    from gpt_simple.data.stream import DataStream
+
+    rep = Report()
+    d, t = cfg.data, cfg.training
+    if d.demo:
+        from gpt_simple.data.prepare import ensure_demo
+        ensure_demo(d.dir, demo_buckets(cfg))
+    buckets = open_data(cfg)
+    first = next(iter(buckets.values()))
+    stream = DataStream(buckets, d.curriculum, d.seq_len, d.seed, d.allow_bucket_exhaustion,
+                        t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0)
+    need, g = d.seq_len + 1, t.global_batch_size
+    rep(f"data.dir {d.dir}: {len(buckets)} bucket(s), tokenizer {first.tokenizer} (vocabulary {first.vocab_size}, "
+        f"model.vocab_size {cfg.model.vocab_size})")
+    rep(f"  {'bucket':<16}{'documents':>12}{'tokens':>16}{'sequences':>12}   (a sequence reads {need} tokens; "
+        f"each document adds 1 end-of-document token)")
+    for name, r in stream.readers.items():
+        rep(f"  {name:<16}{r.bucket.n_docs:>12,}{r.total:>16,}{r.total // need:>12,}")
+
+    state, resumed = _resume_state(cfg, stream, rep)
+    done_steps = state["step"]
+    remaining_steps = max(0, t.max_steps - done_steps)
+    total = remaining_steps * g
+    start = state["sequences"]
+    rep()
+    rep(f"run: {t.max_steps:,} steps x {g} sequences x {d.seq_len} tokens = {t.max_steps * g * d.seq_len:,} tokens "
+        f"({t.max_steps * g * need:,} read from the buckets)")
+    if resumed:
+        rep(f"  resuming from {resumed} (step {done_steps}): {remaining_steps:,} steps left")
+    capacity = stream.capacity(state)
+
+    # What the curriculum asks of each bucket (unlimited data), and what happens with the data there is.
+    demand = predict(stream.phases, d.seq_len, {b: UNLIMITED for b in capacity}, total, False,
+                     state["schedule"], start)
+    actual = predict(stream.phases, d.seq_len, capacity, total, d.allow_bucket_exhaustion, state["schedule"], start)
+
+    for i, phase in enumerate(stream.phases):
+        n = phase_sequences(stream.phases, i, d.seq_len)
+        if n is not None and n * d.seq_len != phase.tokens:
+            rep.warnings.append(f"data.curriculum[{i}].tokens = {phase.tokens:,} is not a multiple of data.seq_len "
+                                f"({d.seq_len}): the phase ends after {n:,} sequences = {n * d.seq_len:,} tokens")
+        if n is None and phase.tokens and len(stream.phases) > 1:
+            rep.warnings.append(f"data.curriculum[{i}].tokens = {phase.tokens:,} is ignored: the last phase runs "
+                                f"until training.max_steps")
+
+    _phase_tables(rep, stream, demand, capacity, g, need, d)
+    reached = {p for p, _, _ in demand.phase_spans}
+    for i in range(len(stream.phases)):
+        if i not in reached and i > (state["schedule"]["phase"] if resumed else 0):
+            rep.warnings.append(f"curriculum phase {i} is never reached: the run ends before it")
+    unused = sorted(set(buckets) - {b for p in stream.phases for b in p.mix})
+    if unused:
+        rep(f"buckets in data.dir that no phase uses: {', '.join(unused)}")
+    if not demand.exact:
+        rep(f"(demand estimated to within one sequence per bucket and phase: {total:,} sequences are too many to "
+            f"simulate one by one)")
+
+    _verdict(rep, actual, demand, capacity, g, start, cfg)
+    return rep
+
+
+def _phase_tables(rep: Report, stream, demand: Prediction, capacity: dict, g: int, need: int, d) -> None:
+    left = dict(capacity)
+    for phase, first_seq, end_seq in demand.phase_spans:
+        mix = "by bucket size" if not d.curriculum else "data.curriculum[%d]" % phase
+        budget = stream.phases[phase].tokens
+        rep()
+        rep(f"phase {phase}: {_steps(first_seq, end_seq, g)}, {end_seq - first_seq:,} sequences "
+            f"= {(end_seq - first_seq) * d.seq_len:,} tokens" +
+            (f" of its {budget:,}" if budget and phase < len(stream.phases) - 1 else "") + f"; mix {mix}")
+        rep(f"  {'bucket':<16}{'weight':>8}{'sequences':>12}{'tokens read':>15}{'available':>15}{'left after':>15}"
+            f"  status")
+        for row in (r for r in demand.rows if r.phase == phase):
+            reads = row.sequences * need
+            has = left[row.bucket] * need
+            status = "ok" if row.sequences <= left[row.bucket] else \
+                f"SHORT by {(row.sequences - left[row.bucket]) * need:,} tokens"
+            rep(f"  {row.bucket:<16}{_pct(row.weight):>8}{row.sequences:>12,}{reads:>15,}{has:>15,}"
+                f"{max(0, has - reads):>15,}  {status}")
+            left[row.bucket] = max(0, left[row.bucket] - row.sequences)
+
+
+def _verdict(rep: Report, actual: Prediction, demand: Prediction, capacity: dict, g: int, start: int,
+             cfg: Config) -> None:
+    d, t = cfg.data, cfg.training
+    need = d.seq_len + 1
+    for bucket, phase, index in actual.drops:
+        rep.warnings.append(f"bucket {bucket!r} runs dry in phase {phase} at step {index // g + 1}: it will be "
+                            f"dropped and the other buckets renormalised (data.allow_bucket_exhaustion = true)")
+    rep()
+    totals = {}
+    for row in demand.rows:
+        totals[row.bucket] = totals.get(row.bucket, 0) + row.sequences
+    used = sum(totals.values())
+    rep(f"demand: {used * need:,} tokens from {len(totals)} bucket(s) holding {sum(capacity[b] for b in totals) * need:,}"
+        f" (whole sequences); " + ", ".join(f"{b} {totals[b] * need:,}/{capacity[b] * need:,}" for b in sorted(totals)))
+    if actual.halt is None:
+        extra = f", dropping {', '.join(b for b, _, _ in actual.drops)} on the way" if actual.drops else ""
+        rep(f"ok: the data covers the run to step {t.max_steps:,}{extra}")
+        return
+    e, at = actual.halt, actual.halt_at
+    full_steps = at // g
+    if getattr(e, "final", False):
+        rep.errors.append(f"the data runs out at step {full_steps + 1}: {e}; it holds {full_steps:,} full steps of "
+                          f"training.max_steps = {t.max_steps:,}")
+        return
+    short = (totals.get(e.bucket, 0) - capacity[e.bucket]) * need
+    rep.errors.append(f"bucket {e.bucket!r} runs dry in phase {e.phase} at step {full_steps + 1} "
+                      f"(the run needs {short:,} more tokens from it): the run would HALT there; set "
+                      f"data.allow_bucket_exhaustion = true to drop it and go on with "
+                      f"{', '.join(e.remaining) or 'no other bucket'}, add data to it, or lower "
+                      f"training.max_steps to {full_steps:,}")
+
+
+def validate_main(cfg: Config) -> int:
+    from gpt_simple.data.prepare import PrepareError
+    try:
+        rep = check(cfg)
+    except (ConfigError, DataError, ShardError, PrepareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(rep.lines), flush=True)
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if rep.errors:
+        print(f"error: {rep.errors[0]}", file=sys.stderr)
+        return 2
+    return 0
