@@ -2,6 +2,9 @@
 
 Exit codes: 0 a state was read (whatever the status), 2 usage error, 3 no run in that directory,
 4 the state file is corrupt.
+
+Given a folder that holds runs rather than being one (`status.py outputs/`), it lists the runs found up to two
+levels below, one line each: status word, step/max_steps, path.
 """
 from __future__ import annotations
 
@@ -36,6 +39,35 @@ def summary(state: dict, status: str, why: str | None, now: float) -> str:
     return "\n".join(lines)
 
 
+def runs_below(folder: Path, depth: int = 2) -> list[Path]:
+    found = []
+    for level in range(1, depth + 1):
+        found += [p.parent for p in folder.glob("/".join(["*"] * level) + "/run_state.json")]
+    return sorted(found)
+
+
+def list_runs(folder: Path, as_json: bool) -> int:
+    """One line per run under a parent folder; a corrupt run is listed as CORRUPT, not fatal."""
+    rows, now = [], time.time()
+    for run in runs_below(folder):
+        try:
+            state = read_state(run)
+        except StateFileError as e:
+            rows.append({"output_dir": str(run), "status": "CORRUPT", "reason": str(e)})
+            continue
+        status, why = effective_status(state, now)
+        rows.append({"output_dir": str(run), "status": status, "step": state.get("step"),
+                     "max_steps": state.get("max_steps"), "reason": why or state.get("reason")})
+    if not rows:
+        print(f"error: {folder}: no run here (no run_state.json in it or in the folders below it)", file=sys.stderr)
+        return EXIT_NO_RUN
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    for row in rows if not as_json else []:
+        print(f"{row['status']:<10} {row.get('step')}/{row.get('max_steps')}  {row['output_dir']}")
+    return EXIT_OK
+
+
 def status_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpt-simple status", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +82,8 @@ def status_main(argv: list[str]) -> int:
     if not out:
         print("error: give the run's output directory (status.py OUTDIR or --output_dir OUTDIR)", file=sys.stderr)
         return EXIT_USAGE
+    if Path(out).is_dir() and not (Path(out) / "run_state.json").exists():
+        return list_runs(Path(out), args.json)
     try:
         state = read_state(Path(out))
     except FileNotFoundError:

@@ -31,7 +31,7 @@
 set -uo pipefail
 
 PYTHON=${PYTHON:-python}
-GPT_SIMPLE_HOME=${GPT_SIMPLE_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+GPT_SIMPLE_HOME=${GPT_SIMPLE_HOME:-$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)}
 CONFIG=${GPT_SIMPLE_CONFIG:-configs/tiny.toml}
 OUTDIR=${GPT_SIMPLE_OUTPUT_DIR:-outputs/local}
 MAX_ATTEMPTS=${GPT_SIMPLE_MAX_ATTEMPTS:-100}

@@ -87,7 +87,7 @@ if [ -z "$SCRIPT" ]; then
   SCRIPT=$(job_field Command)
   if [ -z "$SCRIPT" ] || [ ! -f "$SCRIPT" ]; then SCRIPT=${SLURM_SUBMIT_DIR:-$PWD}/slurm/resume_chain.sh; fi
 fi
-GPT_SIMPLE_HOME=${GPT_SIMPLE_HOME:-$(cd "$(dirname "$SCRIPT")/.." && pwd)}
+GPT_SIMPLE_HOME=${GPT_SIMPLE_HOME:-$(cd "$(dirname "$(readlink -f "$SCRIPT")")/.." && pwd)}
 CONFIG=${GPT_SIMPLE_CONFIG:-configs/gpt2.toml}
 OUTDIR=${GPT_SIMPLE_OUTPUT_DIR:-outputs/${SLURM_JOB_NAME:-gpt-simple}}
 eval "EXTRA_ARGS=(${GPT_SIMPLE_EXTRA_ARGS:-})"

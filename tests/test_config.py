@@ -1,4 +1,5 @@
 """Config: TOML loading, overrides, and every error path (one clear line, exit 2, no traceback)."""
+import re
 import subprocess
 
 import pytest
@@ -119,3 +120,24 @@ def test_configuration_reference_is_current():
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == markdown_reference(), (
         "docs/configuration.md is stale: run `python -m gpt_simple.config --markdown > docs/configuration.md`")
+
+
+def test_yaml_config_equals_the_toml_one(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    toml_cfg = load_config(ROOT / "configs" / "tiny.toml")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(toml_cfg.to_dict()))
+    assert load_config(path).to_dict() == toml_cfg.to_dict()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  n_layer: [\n", "invalid YAML at line"),
+    ("- 1\n- 2\n", "must be a mapping of sections"),
+    ("model:\n  n_layers: 2\n", "unknown field model.n_layers (did you mean 'n_layer'?)"),
+])
+def test_yaml_errors_are_one_line(tmp_path, text, message):
+    pytest.importorskip("yaml")
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)

@@ -17,6 +17,7 @@ def status(*args):
 
 
 def write_state(out, **fields):
+    out.mkdir(parents=True, exist_ok=True)
     rs = RunState(out)
     rs.update(**fields)
     return rs
@@ -66,6 +67,19 @@ def test_json_output(tmp_path):
 def test_no_run_exit_3(tmp_path):
     proc = status(tmp_path)
     assert proc.returncode == 3 and "no run here" in proc.stderr and proc.stdout == ""
+
+
+def test_parent_folder_lists_its_runs(tmp_path):
+    write_state(tmp_path / "a", status="COMPLETED", step=10, max_steps=10)
+    write_state(tmp_path / "group" / "b", status="STOPPED", step=4, max_steps=10)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "run_state.json").write_text("{not json")
+    proc = status(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"COMPLETED  10/10  {tmp_path / 'a'}", f"CORRUPT    None/None  {tmp_path / 'c'}",
+                                        f"STOPPED    4/10  {tmp_path / 'group' / 'b'}"]
+    rows = json.loads(status("--json", tmp_path).stdout)
+    assert [r["status"] for r in rows] == ["COMPLETED", "CORRUPT", "STOPPED"]
 
 
 def test_missing_dir_exit_3(tmp_path):

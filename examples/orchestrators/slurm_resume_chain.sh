@@ -1,0 +1,1 @@
+../../slurm/resume_chain.sh
