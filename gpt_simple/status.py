@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,14 @@ def list_runs(folder: Path, as_json: bool) -> int:
 
 
 def status_main(argv: list[str]) -> int:
+    try:
+        return _status(argv)
+    except BrokenPipeError:  # `status.py OUT | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
+
+
+def _status(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpt-simple status", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", nargs="?", help="the run's output_dir")

@@ -53,7 +53,9 @@ class Trainer:
     def meta(self) -> dict:
         return {"tokens": self.tokens, "data": self.stream.state_dict(), "data_fingerprint": fingerprint(self.stream),
                 "config": self.cfg.to_dict(), "architecture": self.cfg.architecture(),
-                "arch_hash": self.cfg.arch_hash(), "world_size": self.dist.world_size}
+                "arch_hash": self.cfg.arch_hash(), "world_size": self.dist.world_size,
+                # so that export / generate know the tokenizer where data.dir is not at hand
+                "tokenizer": next(iter(self.stream.readers.values())).bucket.tokenizer}
 
     @property
     def tokens(self) -> int:
@@ -298,17 +300,24 @@ class Trainer:
             self.close()
 
     def finish(self, status: str, reason: str, event: str) -> None:
+        if self.dist.is_main and status != HALTED:  # e.g. max_steps lowered to the halted step: no longer HALTED
+            (self.out / HALTED_FILE).unlink(missing_ok=True)
         self.run_state.update(status=status, reason=reason, step=self.step, tokens=self.tokens)
         self.event(event, reason=reason, step=self.step, tokens=self.tokens)
-        self.log(f"{status}: {reason} at step {self.step}")
+        self.log(f"{status}: {reason}" + ("" if "step" in reason else f" at step {self.step}"))
 
     def finish_halt(self, e: BucketExhausted) -> int:
         self.save("shutdown")
         detail = {"bucket": e.bucket, "phase": e.phase, "step": self.step, "tokens_short": e.tokens_short,
                   "remaining_buckets": e.remaining}
-        reason = (f"bucket {e.bucket!r} ran dry in phase {e.phase} at step {self.step} "
-                  f"({e.tokens_short} tokens short); rerun with --data.allow_bucket_exhaustion true to continue "
-                  f"with the remaining buckets renormalised")
+        if e.final:  # exhaustion was allowed, and no bucket of the phase is left: the flag cannot help
+            reason = f"{e} (saved at step {self.step})"
+        else:
+            reason = (f"bucket {e.bucket!r} ran dry in phase {e.phase} at step {self.step + 1} ({e.tokens_short} "
+                      f"tokens short of a sequence; saved at step {self.step}); rerun with "
+                      f"--data.allow_bucket_exhaustion true to drop it and continue with "
+                      f"{', '.join(e.remaining)} renormalised, or end the run there with "
+                      f"--training.max_steps {self.step}")
         if self.dist.is_main:
             (self.out / HALTED_FILE).write_text(json.dumps({**detail, "reason": reason}, indent=1) + "\n")
         self.finish(HALTED, reason, "halt")
@@ -319,6 +328,8 @@ class Trainer:
         if show_traceback and (self.dist is None or self.dist.is_main):
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr, flush=True)
+        if self.run_state is None and self.out.is_dir() and (self.dist is None or self.dist.is_main):
+            self.run_state = RunState(self.out)  # refused before set-up got this far (e.g. resume = 'scratch')
         if self.run_state is not None:
             self.run_state.update(status=ERROR, reason=message, error=message, step=self.step)
             self.event("error", message=message, step=self.step)

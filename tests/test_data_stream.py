@@ -111,6 +111,16 @@ def test_prefetch_never_advances_the_saved_cursor(data):
     s.close()
 
 
+def test_close_ends_a_prefetch_thread_blocked_on_its_full_queue(data):
+    s = stream(data, prefetch=1)
+    s.next_batch()
+    worker = s._worker
+    while not worker.queue.full():  # the thread has its next batch ready and sleeps in put()
+        time.sleep(0.01)
+    s.close()
+    assert not worker.thread.is_alive() and s._worker is None
+
+
 def test_phases_continue_every_buckets_cursor_and_budget_equal_to_inventory_reads_every_token_once(tmp_path):
     sizes = {"a": exact_lengths(28, SEQ, 9, seed=1), "b": exact_lengths(12, SEQ, 30, seed=2),
              "c": exact_lengths(8, SEQ, 3, seed=3)}
@@ -160,7 +170,7 @@ def test_every_bucket_of_a_phase_dry_is_final(data):
     with pytest.raises(BucketExhausted) as e:
         for _ in range(30):
             s.commit(s.next_batch())
-    assert e.value.final and "nothing is left" in str(e.value)
+    assert e.value.final and e.value.bucket == "c" and "nothing is left" in str(e.value)
 
 
 def test_incompatible_cursors_are_refused(data):

@@ -121,3 +121,13 @@ def test_user_error_in_a_run_is_recorded_as_error(tmp_path, demo_data):
                                                 f"(run `gpt-simple prepare` first)"]
     assert status_word(out) == "ERROR"
     assert "folder does not exist" in json.loads((out / "run_state.json").read_text())["reason"]
+
+
+def test_reader_closing_the_pipe_early_is_not_an_error(tmp_path):
+    """`status.py OUT | head -1`: a reader that has gone away is not a traceback."""
+    write_state(tmp_path, status="STOPPED", reason="signal SIGTERM", step=3)
+    proc = subprocess.Popen([PYTHON, str(ROOT / "status.py"), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # gone before the status is written (the interpreter takes a while to start)
+    stderr = proc.stderr.read()
+    assert proc.wait() == 0 and "Traceback" not in stderr, stderr

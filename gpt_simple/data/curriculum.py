@@ -11,7 +11,8 @@ uniprocessor Pfair schedule (Baruah et al. 1996): the j-th sequence of bucket b 
 (floor(c_b/w_b) ≤ n) and has the earliest deadline ceil((c_b+1)/w_b), ties to the first name. Earliest-deadline
 -first meets every deadline because the weights sum to 1, and meeting every window is exactly |lag| < 1.
 All arithmetic is on integers (the weights as exact fractions of the decimals written in the config), so the
-schedule is the same on every machine and its state is a few integers: phase, sequences so far, per-bucket counts, dropped buckets.
+schedule is the same on every machine and its state is a few integers: phase, sequences so far, per-bucket
+counts, dropped buckets.
 
 (The first version chose the bucket with the most accrued credit — nginx's smooth weighted round robin — whose
 lag reaches 1.17 sequences for some mixes of 8 buckets; tests/test_data_curriculum.py shows both.)
@@ -40,8 +41,9 @@ class BucketExhausted(Exception):
         self.bucket, self.phase, self.tokens_short, self.remaining = bucket, phase, tokens_short, remaining
         self.final = final  # True: no bucket of the phase is left, allowing exhaustion cannot continue the run
         if final:
-            message = (f"every bucket of phase {phase} ({bucket}) is exhausted: nothing is left to train on; "
-                       f"add data to them or lower training.max_steps")
+            message = (f"no bucket of phase {phase} can supply the next sequence ({bucket} ran dry, any other was "
+                       f"dropped before): nothing is left to train on; lower training.max_steps (more data means "
+                       f"a new run)")
         else:
             message = f"bucket {bucket!r} ran dry in phase {phase} ({tokens_short} tokens short of a sequence)"
         super().__init__(message)
@@ -169,7 +171,8 @@ class Schedule:
         if state.get("version") != SCHEDULE_VERSION:
             raise DataError(f"the checkpointed data cursor was written by schedule version "
                             f"{state.get('version', 1)}, this code runs version {SCHEDULE_VERSION}: it cannot "
-                            f"continue that data stream (start again in a new training.output_dir, or with training.resume = 'scratch')")
+                            f"continue that data stream (start again in a new training.output_dir, or with "
+                            f"training.resume = 'scratch')")
         if state["phase"] >= len(self.phases):
             raise DataError(f"the checkpointed data cursor is in curriculum phase {state['phase']}, but "
                             f"data.curriculum has {len(self.phases)} phase(s)")
@@ -258,7 +261,7 @@ def _exhaust(pred: Prediction, sched: Schedule, bucket: str, capacity: dict, all
         sched.drop(bucket)
         pred.drops.append((bucket, sched.phase, index))
         return True
-    pred.halt = (BucketExhausted(bucket, sched.phase, 0, remaining) if not allow else nothing_left(sched))
+    pred.halt = BucketExhausted(bucket, sched.phase, 0, remaining, final=allow)  # allowed: it was the last
     pred.halt_at = index
     return False
 

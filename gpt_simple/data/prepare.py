@@ -198,7 +198,7 @@ def _jsonl_lines(result: Result, data: bytes, first_line: int) -> None:
             result.problems.append((line, "not UTF-8", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
             continue
         except json.JSONDecodeError as e:
-            result.problems.append((line, "bad JSON", f"bad JSON ({e.msg} at column {e.colno})"))
+            result.problems.append((line, "bad JSON", f"bad JSON ({e.msg.removesuffix(' at')} at column {e.colno})"))
             continue
         if not isinstance(record, dict):
             result.problems.append((line, "not a JSON object", f"not a JSON object ({type(record).__name__})"))

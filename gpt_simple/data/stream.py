@@ -15,6 +15,7 @@ import copy
 import hashlib
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,8 +153,8 @@ class DataStream:
                 remaining = [b for b in schedule.active_weights() if b != bucket]
                 if not self.allow_exhaustion:
                     raise BucketExhausted(bucket, schedule.phase, need - left, remaining)
-                if not remaining:
-                    raise nothing_left(schedule)
+                if not remaining:  # the last bucket of the phase: dropping it would leave nothing
+                    raise BucketExhausted(bucket, schedule.phase, need - left, [], final=True)
                 schedule.drop(bucket)
                 events.append({"kind": "bucket_dropped", "bucket": bucket, "phase": schedule.phase,
                                "step": state["step"] + 1, "tokens_unused": left,
@@ -206,22 +207,16 @@ class _Prefetcher:
     def _run(self, state: dict) -> None:
         while not self.stopping.is_set():
             try:
-                batch = self.stream.materialize(self.stream.plan(state))
+                item = self.stream.materialize(self.stream.plan(state))
             except BaseException as e:  # delivered to the consumer in order
-                self._put(e)
+                item = e
+            # A blocking put: the thread sleeps until the loop takes a batch. (Polling with a timeout woke it
+            # every 0.1 s to take the GIL from the training loop, which showed up as data wait.) stop() drains
+            # the queue to release it.
+            self.queue.put(item)
+            if isinstance(item, BaseException):
                 return
-            state = batch.plan.state_after
-            if not self._put(batch):
-                return
-
-    def _put(self, item) -> bool:
-        while not self.stopping.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+            state = item.plan.state_after
 
     def get(self) -> Batch:
         item = self.queue.get()
@@ -231,4 +226,11 @@ class _Prefetcher:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.thread.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                while True:
+                    self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
