@@ -149,22 +149,6 @@ def main_for(run, description: str, argv: list[str] | None = None) -> int:
     return 0
 
 
-# -- the fp32 matmul ceiling --------------------------------------------------------------------------------
-def matmul_rate(size: int = 2048, seconds: float = 0.4) -> float:
-    """Achieved FLOP/s of a large fp32 torch.mm with this process's threads (the CPU MFU ceiling)."""
-    import torch
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    c = torch.empty(size, size)
-    torch.mm(a, b, out=c)
-    n, start = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b, out=c)
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2 * size ** 3 * n / elapsed
-
-
 # -- train.py in a subprocess ---------------------------------------------------------------------------------
 def bench_env(threads: int | None) -> dict:
     env = dict(os.environ)

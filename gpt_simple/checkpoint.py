@@ -6,6 +6,10 @@ checkpoints/.tmp-NAME and becomes checkpoints/NAME (rename) only after every ran
 COMMITTED has been written inside it; discovery sees committed directories only, so an interrupted save is
 never loaded, and start-up removes its leftovers.
 
+Async saves copy the state into reused CPU buffers in a staging thread while the next forward/backward runs (the
+optimizer step waits for the copy: before_update), then DCP writes it from a background thread. See
+docs/checkpointing.md.
+
 Nothing from disk is unpickled into arbitrary objects: meta.json and the RNG files are JSON, tensors are read
 by DCP with torch.load(weights_only=True), DCP's own .metadata file goes through an allow-list unpickler
 (only DCP's metadata dataclasses, torch.Size, dtypes and paths), and DCP's non-tensor entries (optimizer
@@ -31,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -46,10 +51,25 @@ CORRUPT_PREFIX = "corrupt-"
 # Test and drill knob: every checkpoint write sleeps this long first (a slow filesystem), so a test can stop or
 # kill a job while a save is in flight. Unset in production.
 SAVE_DELAY_ENV = "GPT_SIMPLE_SAVE_DELAY_S"
+# Likewise for the async staging copy (a slow device-to-host copy), to test that no update overlaps it.
+STAGE_DELAY_ENV = "GPT_SIMPLE_STAGE_DELAY_S"
 
 
 class CheckpointError(RuntimeError):
     """A save that failed, or a checkpoint that cannot be used."""
+
+
+# DCP reports failures as CheckpointException, which derives from BaseException (not Exception): every place that
+# must survive a failed read or write catches both.
+DCP_ERRORS = (Exception, CheckpointException)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a log, an event or a status: for DCP's CheckpointException (whose str is a traceback per rank),
+    each failing rank's own exception."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {describe_error(exc)}" for rank, (exc, _) in sorted(error.failures.items()))
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 class ArchitectureMismatch(ConfigError):
@@ -197,6 +217,21 @@ class _Writer(FileSystemWriter):
         return super().write_data(plan, planner)
 
 
+def _stager_class():
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    class _Stager(DefaultStager):
+        """DefaultStager with the optional test delay before each staging copy (in the staging thread)."""
+
+        def _stage(self, state_dict, **kwargs):
+            delay = float(os.environ.get(STAGE_DELAY_ENV) or 0)
+            if delay > 0:
+                time.sleep(delay)
+            return super()._stage(state_dict, **kwargs)
+
+    return _Stager
+
+
 def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The full (unsharded) model weights of a checkpoint, in this process, without torch.distributed.
 
@@ -204,10 +239,7 @@ def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tens
     removed, as plain CPU tensors named like GPT.state_dict().
     """
     path = Path(path)
-    try:
-        metadata = SafeFileSystemReader(path).read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, CheckpointError) as e:
-        raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+    metadata = read_dcp_metadata(path)
     state = {}
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith(prefix) and hasattr(md, "size"):
@@ -219,9 +251,19 @@ def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tens
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({prefix.rstrip("."): state}, storage_reader=SafeFileSystemReader(path),
                      planner=SafeLoadPlanner(), no_dist=True)
-    except Exception as e:  # noqa: BLE001 - DCP wraps read errors in its own exception types
-        raise CheckpointError(f"{path}: cannot read the model tensors ({type(e).__name__}: {e})") from None
+    except DCP_ERRORS as e:  # DCP wraps read errors in its own exception types
+        raise CheckpointError(f"{path}: cannot read the model tensors ({describe_error(e)})") from None
     return state
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """DCP's .metadata through the allow-list unpickler; any failure is a one-line CheckpointError. Reading it
+    before dcp.load also keeps DCP from its fallback to per-rank metadata, which logs tracebacks."""
+    try:
+        return SafeFileSystemReader(path).read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError, IndexError,
+            CheckpointError) as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({describe_error(e)})") from None
 
 
 def _remove_all(paths: list[Path]) -> None:
@@ -231,9 +273,10 @@ def _remove_all(paths: list[Path]) -> None:
 
 class _Pending:
     def __init__(self, info: CheckpointInfo, tmp: Path, future, started: float, blocked: float,
-                 asynchronous: bool):
+                 asynchronous: bool, staged=None):
         self.info, self.tmp, self.future, self.started, self.blocked = info, tmp, future, started, blocked
         self.asynchronous = asynchronous
+        self.staged = staged  # async saves: a future that resolves once the state is copied to the stager
 
 
 class CheckpointManager:
@@ -262,7 +305,10 @@ class CheckpointManager:
             for path in sorted(self.root.iterdir()):
                 if path.name.startswith((".tmp-", ".trash-")) or (NAME_RE.match(path.name) and
                                                                   not (path / COMMITTED).exists()):
-                    shutil.rmtree(path, ignore_errors=True)
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:  # a stray file or link under a checkpoint name would block the next save's mkdir
+                        path.unlink(missing_ok=True)
                     removed.append(path.name)
         if dist.is_initialized():
             dist.barrier()
@@ -281,12 +327,16 @@ class CheckpointManager:
 
     def stager(self):
         """One DCP stager for the run: its CPU staging buffers are allocated once and reused by every save
-        (fresh buffers cost page faults on each save); pinned memory and non-blocking copies on CUDA."""
+        (fresh buffers cost page faults on each save); pinned memory and non-blocking copies on CUDA.
+
+        Staging runs in the stager's own thread, overlapping the next step's forward and backward (which read
+        the weights but do not change them); before_update() makes the optimizer step wait for it."""
         if self._stager is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            from torch.distributed.checkpoint.staging import StagingOptions
             cuda = self.device.type == "cuda"
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+            options = StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
+                                     use_non_blocking_copy=cuda)
+            self._stager = _stager_class()(options)
         return self._stager
 
     def save(self, step: int, meta: dict, kind: str = "periodic", asynchronous: bool = False) -> None:
@@ -309,22 +359,38 @@ class CheckpointManager:
                 error = e
         if self._agree_failed(error):  # also the barrier: the directory exists before any rank writes into it
             self._raise_failed(info, tmp, error)
-        future = None
+        future = staged = None
         try:
             _write_durable(tmp / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state(self.device)))
             state = self._app_state()
             writer = _Writer(str(tmp))
             if asynchronous:
-                future = dcp.async_save(state, storage_writer=writer, process_group=self.group,
-                                        async_stager=self.stager())
+                response = dcp.async_save(state, storage_writer=writer, process_group=self.group,
+                                          async_stager=self.stager())
+                future = getattr(response, "upload_completion", response)
+                staged = getattr(response, "staging_completion", None)
             else:
                 dcp.save(state, storage_writer=writer, process_group=self.group)
-        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement in _commit
+        except DCP_ERRORS as e:  # every rank must reach the agreement in _commit
             future = e
-        self.pending = _Pending(info, tmp, future, started, time.perf_counter() - started, asynchronous)
+        self.pending = _Pending(info, tmp, future, started, time.perf_counter() - started, asynchronous, staged)
         self.last_saved_step = step
         if not asynchronous:
             self._commit()
+
+    def before_update(self) -> None:
+        """Call before anything changes the saved state in place (the optimizer step): waits until the save in
+        flight has copied it. The wait counts as that save's blocking time."""
+        p = self.pending
+        if p is not None and p.staged is not None:
+            if not p.staged.done():
+                start = time.perf_counter()
+                try:
+                    p.staged.result()
+                except DCP_ERRORS:  # the write fails too; reported by _commit on every rank
+                    pass
+                p.blocked += time.perf_counter() - start
+            p.staged = None
 
     def pending_vote(self) -> float:
         """1.0 while this rank's async write is still running (all-reduced by the trainer's step agreement)."""
@@ -344,13 +410,13 @@ class CheckpointManager:
             if future is not None and hasattr(future, "done"):
                 try:
                     future.result()
-                except Exception:  # noqa: BLE001 - reported by _commit on every rank
+                except DCP_ERRORS:  # reported by _commit on every rank
                     pass
             self.pending.blocked += time.perf_counter() - start
             self._commit()
 
     def _raise_failed(self, info: CheckpointInfo, tmp: Path, error: BaseException | None):
-        reason = f"{type(error).__name__}: {error}" if error else "a write failed on another rank"
+        reason = describe_error(error) if error else "a write failed on another rank"
         raise CheckpointError(f"saving {info.name} failed ({reason}); the previous checkpoints are untouched "
                               f"and {tmp} will be removed at the next start")
 
@@ -379,7 +445,7 @@ class CheckpointManager:
         if self._agree_failed(error):
             self._raise_failed(p.info, p.tmp, error)
         if self.rank == 0:
-            self._apply_retention([replaced] if replaced else [])
+            self._apply_retention([replaced] if replaced else [], keep=p.info.path)
         p.blocked += time.perf_counter() - commit_start
         total = time.perf_counter() - p.started
         self.last_save_seconds = total
@@ -395,12 +461,13 @@ class CheckpointManager:
     def _trash_name(self, name: str) -> Path:
         return self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
 
-    def _apply_retention(self, trash: list[Path] | None = None) -> None:
-        """Keep the newest keep_last_k, every multiple of keep_milestone_every, and always the newest."""
+    def _apply_retention(self, trash: list[Path] | None = None, keep: Path | None = None) -> None:
+        """Keep the newest keep_last_k (by step), every multiple of keep_milestone_every, always the newest, and
+        `keep` (the save just committed: after resuming an older checkpoint it can sort below newer ones)."""
         trash = list(trash or [])
         ckpts = self.committed()
         if self.keep_last_k > 0 and len(ckpts) > self.keep_last_k:
-            keep = {c.path for c in ckpts[-self.keep_last_k:]} | {ckpts[-1].path}
+            keep = {c.path for c in ckpts[-self.keep_last_k:]} | {ckpts[-1].path} | ({keep} if keep else set())
             if self.keep_milestone_every:
                 keep |= {c.path for c in ckpts if c.step % self.keep_milestone_every == 0}
             for c in ckpts:
@@ -421,9 +488,13 @@ class CheckpointManager:
         model_cfg = getattr(self.model, "cfg", None)
         if isinstance(model_cfg, ModelConfig):
             check_architecture(meta, model_cfg, info.path)
+        read_dcp_metadata(info.path)
         state = self._app_state()
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
-                 process_group=self.group)
+        try:
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
+                     process_group=self.group)
+        except DCP_ERRORS as e:
+            raise CheckpointError(f"{info.path}: cannot read the checkpoint ({describe_error(e)})") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = info.path / "rng" / f"rank-{self.rank}.json"
         if rng_file.exists():
@@ -448,13 +519,15 @@ class CheckpointManager:
                 meta = self.load(info)
             except ArchitectureMismatch:
                 raise
-            except Exception as e:  # noqa: BLE001 - agree across ranks before deciding
+            except DCP_ERRORS as e:  # agree across ranks before deciding
                 error = e
             if not self._agree_failed(error):
                 self._quarantine(failed)
                 return info, meta
             failed.append(info)
-            on_fallback(info, error or CheckpointError("failed to load on another rank"))
+            on_fallback(info, error if isinstance(error, CheckpointError) else
+                        CheckpointError(describe_error(error)) if error else
+                        CheckpointError("failed to load on another rank"))
         raise CheckpointError(f"no checkpoint under {self.root} could be loaded "
                               f"(tried {', '.join(c.name for c in reversed(candidates))})")
 
@@ -485,6 +558,7 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in arch.items() if k in names})
 
 
-__all__ = ["COMMITTED", "META", "NAME_RE", "ArchitectureMismatch", "CheckpointError", "CheckpointInfo",
-           "CheckpointManager", "SafeFileSystemReader", "SafeLoadPlanner", "check_architecture", "list_committed",
-           "load_model_state", "model_config_from_meta", "read_meta"]
+__all__ = ["COMMITTED", "DCP_ERRORS", "META", "NAME_RE", "ArchitectureMismatch", "CheckpointError",
+           "CheckpointInfo", "CheckpointManager", "SafeFileSystemReader", "SafeLoadPlanner", "check_architecture",
+           "describe_error", "list_committed", "load_model_state", "model_config_from_meta", "read_dcp_metadata",
+           "read_meta"]

@@ -165,6 +165,9 @@ def export(checkpoint: str | Path, out: str | Path, hf: str = "auto", dtype: str
     Returns a summary dict (paths, step, whether the HF layout was written and why not)."""
     from safetensors.torch import save_file
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder; give a folder to write the export into")
     state, cfg, meta, ckpt = load_checkpoint_model(checkpoint)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     state = {k: v.to(dt) for k, v in state.items()}
@@ -175,8 +178,15 @@ def export(checkpoint: str | Path, out: str | Path, hf: str = "auto", dtype: str
         spec = tokenizer_spec(meta, tokenizer)
     except ExportError:
         spec = None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_export(out, state, cfg, meta, ckpt, spec, dtype, hf, why_not_hf, save_file)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot write the export ({e})") from None
+
+
+def _write_export(out: Path, state, cfg: ModelConfig, meta: dict, ckpt: Path, spec, dtype: str, hf: str,
+                  why_not_hf: list[str], save_file) -> dict:
     ours = {k: v.contiguous() for k, v in state.items() if not (cfg.tie_embeddings and k == "head.weight")}
     info = {"step": meta.get("step"), "arch_hash": meta.get("arch_hash"), "source": str(ckpt.resolve()),
             "tokenizer": spec, "dtype": dtype}
@@ -197,6 +207,9 @@ def export(checkpoint: str | Path, out: str | Path, hf: str = "auto", dtype: str
         config["torch_dtype"] = config["dtype"] = dtype
         (out / HF_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
         summary["hf"] = True
+    else:  # never leave an older export's HF files next to these weights: they would load a different model
+        for name in (HF_WEIGHTS, HF_CONFIG):
+            (out / name).unlink(missing_ok=True)
     return summary
 
 
@@ -264,6 +277,18 @@ def sample(model, prompt: list[int], max_new_tokens: int, temperature: float = 0
     return out
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ExportError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: torch.backends.mps.is_available()}.get(device.type, lambda: False)
+    if not available() or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        raise ExportError(f"--device {name!r}: not available on this machine")
+    return device
+
+
 def generate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpt-simple generate", description="Sample text from a checkpoint.")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -279,6 +304,7 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--tokenizer", help="tokenizer spec, if the run's data.dir is not available here")
     args = parser.parse_args(argv)
     try:
+        device = _device(args.device)
         state, cfg, meta, ckpt = load_checkpoint_model(args.output_dir or args.checkpoint)
         from gpt_simple.data.tokenizer import get_tokenizer
         try:
@@ -288,7 +314,7 @@ def generate_main(argv: list[str]) -> int:
     except (ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = build_model(state, cfg, args.device)
+    model = build_model(state, cfg, device)
     prompt = [int(t) for t in tok.encode(args.prompt)] if args.prompt else [tok.eos]
     if len(prompt) > cfg.block_size:
         prompt = prompt[-cfg.block_size:]

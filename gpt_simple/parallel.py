@@ -82,9 +82,12 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
     param_dtype = compute_dtype(training, device)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     model.to(device)
+    # On one rank resharding frees nothing (the shard is the whole tensor) and each re-gather is a copy of
+    # every weight: keep the blocks gathered through the step (the trainer reshards after the last backward).
+    sharded = dist.is_initialized() and dist.get_world_size() > 1
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again at once by the root's backward: keep them gathered.
-        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(model.blocks) - 1)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=sharded and i < len(model.blocks) - 1)
     fully_shard(model, mp_policy=policy)
     return model
 

@@ -150,16 +150,18 @@ class Trainer:
             shutdown.warn(f"checkpoint {info.name} failed to load ({error}); falling back to the one before")
             self.event("checkpoint_fallback", checkpoint=info.name, error=str(error))
 
+        load_start = time.perf_counter()
         info, meta = self.ckpt.load_with_fallback(candidates, on_fallback)
+        load_s = time.perf_counter() - load_start
         self._check_compatible(meta, info)
         self.stream.load_state_dict(meta["data"])
         self.step = meta["step"]
-        self.log(f"resumed from {info.name} (step {self.step}, {meta['tokens']} tokens)")
+        self.log(f"resumed from {info.name} (step {self.step}, {meta['tokens']} tokens; loaded in {load_s:.2f}s)")
         changed = {k: v for k, v in diff(meta["config"], self.cfg.to_dict()).items()}
         if changed:
             self.log("config changed since the checkpoint: " +
                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        self.event("resume", checkpoint=info.name, step=self.step, config_changes=changed)
+        self.event("resume", checkpoint=info.name, step=self.step, config_changes=changed, load_s=load_s)
         self.run_state.update(last_checkpoint=info.name)
 
     def _check_compatible(self, meta: dict, info: CheckpointInfo) -> None:
@@ -182,6 +184,8 @@ class Trainer:
         for i in range(accum):
             # Gradients are reduced once, on the last micro-batch.
             self.model.set_requires_gradient_sync(i == accum - 1)
+            if self.dist.world_size == 1:  # see parallelize: gather once per step, not once per micro-batch
+                self.model.set_reshard_after_backward(i == accum - 1)
             x = inputs[i].to(self.dist.device, non_blocking=True)
             y = targets[i].to(self.dist.device, non_blocking=True)
             _, loss = self.model(x, y)
@@ -190,6 +194,7 @@ class Trainer:
         clip = self.cfg.optimizer.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         lr = self.schedule.apply(self.optimizer, self.step + 1)
+        self.ckpt.before_update()  # an async save copies the weights while forward/backward ran: let it finish
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / accum, grad_norm, lr
@@ -206,10 +211,7 @@ class Trainer:
         data_wait = 0.0
         self.run_state.update(status="RUNNING", reason="training", step=self.step, tokens=self.tokens)
         while self.step < max_steps:
-            votes = all_reduce_max(self.stop.local_votes(self.step_seconds) + [self.ckpt.pending_vote()],
-                                   self.dist.device)
-            self.ckpt.maybe_commit(votes[3] > 0)
-            reason = self.stop.reason(votes[:3])
+            reason = self.stop_check()
             if reason:
                 return reason
             step_start = time.perf_counter()
@@ -239,6 +241,14 @@ class Trainer:
             if t.save_steps and self.step % t.save_steps == 0 and self.step < max_steps:
                 self.save("periodic", asynchronous=t.async_save)
         return "max_steps"
+
+    def stop_check(self) -> str | None:
+        """The per-step agreement (bench/shutdown.py times it): one small all-reduce of every rank's stop votes
+        and save-in-flight flag; commits a finished async save; returns why to stop, or None."""
+        votes = all_reduce_max(self.stop.local_votes(self.step_seconds) + [self.ckpt.pending_vote()],
+                               self.dist.device)
+        self.ckpt.maybe_commit(votes[3] > 0)
+        return self.stop.reason(votes[:3])
 
     def _log_step(self, loss, grad_norm, lr, window_tokens, window_seconds, data_wait, first_step) -> None:
         loss_t = loss.detach().clone()

@@ -1,0 +1,557 @@
+"""Checkpointing and resume, proven with real train.py / torchrun processes, real files and real signals.
+
+Fast tests at the top drive CheckpointManager in this process on real files; the end-to-end ones (slow) stop,
+kill, corrupt and resume real runs and compare them with uninterrupted ones.
+"""
+import hashlib
+import io
+import json
+import os
+import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, TINY, child_env, events, losses, metrics, status_word, train_cmd
+from conftest import run_train as _run_train
+from gpt_simple.checkpoint import (COMMITTED, CheckpointError, CheckpointManager, SAVE_DELAY_ENV, list_committed,
+                                   load_model_state)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+FAST = ("--training.peak_flops", "1e12")  # skip measuring the CPU's matmul rate at every launch (MFU only)
+
+
+def run_train(out, data, *args, **kwargs):
+    return _run_train(out, data, *FAST, *args, **kwargs)
+
+
+def launch(out, data, *args, nproc=1, env=None, **popen):
+    """Start a run in the background (its own process group) on the tiny config."""
+    cmd = train_cmd(*TINY, "--data.dir", str(data), "--data.demo", "false", "--training.output_dir", str(out),
+                    *FAST, *args, nproc=nproc)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **popen)
+
+
+def wait_until(condition, proc, what, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"not {what} within {timeout}s")
+
+
+def last_step(out) -> int:
+    path = Path(out) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def frozen(proc, action) -> None:
+    """Pause the whole job (SIGSTOP to its process group), act, resume it: the job cannot run ahead of the test
+    between 'it reached step k' and the stop request, so the stop lands within a step of k."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        action()
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
+def finish(proc, timeout=180):
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, stdout, stderr
+
+
+def names(out) -> list[str]:
+    root = Path(out) / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def committed(out) -> list[str]:
+    return [c.name for c in list_committed(Path(out) / "checkpoints")]
+
+
+def digest(path) -> dict[str, str]:
+    """Every file under `path` (relative name -> sha256 of its bytes) plus its mtime: 'untouched' means equal."""
+    path = Path(path)
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() + f"@{f.stat().st_mtime_ns}"
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def kinds(out) -> list[str]:
+    return [e["event"] for e in events(out)]
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def assert_same_weights(a, b) -> None:
+    wa, wb = load_model_state(a), load_model_state(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+# -- in this process, on real files ------------------------------------------------------------------------------
+def fake_checkpoint(root: Path, name: str, commit: bool = True) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text("{}")
+    if commit:
+        (path / COMMITTED).write_text("{}")
+    return path
+
+
+def test_discovery_orders_by_step_and_ignores_what_is_not_committed(tmp_path):
+    for name in ("step-10", "step-4-final", "step-8-shutdown", "step-8", "step-8-final", "corrupt-step-12",
+                 "step-x"):
+        fake_checkpoint(tmp_path, name)
+    fake_checkpoint(tmp_path, "step-20", commit=False)
+    fake_checkpoint(tmp_path, ".tmp-step-30")
+    # by step; a -final at a lower step (max_steps raised since) never beats a newer step; at one step
+    # periodic < shutdown < final
+    assert [c.name for c in list_committed(tmp_path)] == \
+        ["step-4-final", "step-8", "step-8-shutdown", "step-8-final", "step-10"]
+
+
+def test_start_up_removes_partial_saves_only(tmp_path):
+    root = tmp_path / "checkpoints"
+    keep = [fake_checkpoint(root, n) for n in ("step-2", "step-4-final")]
+    fake_checkpoint(root, "step-6", commit=False)       # killed between writing and the commit marker
+    fake_checkpoint(root, ".tmp-step-8")                # killed mid-write
+    fake_checkpoint(root, ".trash-step-1-0123abcd")     # killed while retention was deleting
+    (root / ".tmp-step-10").write_text("a stray file, not a directory")
+    mgr = CheckpointManager(tmp_path, None, None, torch.device("cpu"), rank=0)
+    assert sorted(mgr.clean_partial()) == [".tmp-step-10", ".tmp-step-8", ".trash-step-1-0123abcd", "step-6"]
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in keep)
+
+
+def retained(tmp_path, steps, k, every, just=None) -> list[str]:
+    root = tmp_path / "checkpoints"
+    for s in steps:
+        fake_checkpoint(root, s)
+    mgr = CheckpointManager(tmp_path, None, None, torch.device("cpu"), rank=0, keep_last_k=k,
+                            keep_milestone_every=every)
+    mgr._apply_retention(keep=root / just if just else None)
+    for t in threading.enumerate():
+        if t.name == "checkpoint-retention":
+            t.join()
+    assert not [p for p in root.iterdir() if p.name.startswith(".trash-")]  # deleted, not only moved aside
+    return [c.name for c in list_committed(root)]
+
+
+def test_retention_rules(tmp_path):
+    steps = ["step-2", "step-4", "step-6", "step-8", "step-10-shutdown", "step-12"]
+    assert retained(tmp_path / "a", steps, k=2, every=0) == ["step-10-shutdown", "step-12"]
+    assert retained(tmp_path / "b", steps, k=2, every=4) == ["step-4", "step-8", "step-10-shutdown", "step-12"]
+    assert retained(tmp_path / "c", steps, k=0, every=4) == steps  # 0 keeps everything
+    # the newest is kept even with k = 1 and a milestone that is not it; a save just committed after resuming
+    # an older checkpoint (so that it sorts below newer ones) is never deleted by its own retention pass
+    assert retained(tmp_path / "d", steps, k=1, every=5) == ["step-10-shutdown", "step-12"]
+    assert retained(tmp_path / "e", steps, k=1, every=0, just="step-6") == ["step-6", "step-12"]
+
+
+def _tiny_trained_manager(out: Path):
+    from gpt_simple.config import Config, load_config
+    from gpt_simple.model import GPT
+    from gpt_simple.optim import build_optimizer
+    cfg = load_config(ROOT / "configs" / "tiny.toml", TINY[2:])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"))
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    mgr = CheckpointManager(out, model, opt, torch.device("cpu"), rank=0, log=lambda *_: None)
+    meta = {"architecture": cfg.architecture(), "arch_hash": cfg.arch_hash(), "config": cfg.to_dict()}
+    return mgr, meta, cfg
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    """A checkpoint whose DCP metadata, or one of whose non-tensor entries, is a malicious pickle is refused
+    without running it. The payloads are live: plain unpickling runs them (checked in a child process)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    mgr, meta, _ = _tiny_trained_manager(tmp_path)
+    mgr.save(1, meta)
+    good = mgr.last_committed
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    def live(kind, path, offset=0):
+        code = (f"import io, pickle; f = open({str(path)!r}, 'rb'); f.seek({offset}); "
+                + ("pickle.load(f)" if kind == "pickle" else
+                   "import torch; torch.load(io.BytesIO(f.read()), weights_only=False)"))
+        subprocess.run([PYTHON, "-c", code], capture_output=True, cwd=ROOT)
+        assert marker.exists(), f"the {kind} payload does not run when unpickled: the test would prove nothing"
+        marker.unlink()
+
+    # 1. DCP's .metadata replaced by a pickle that runs code when loaded
+    bad = tmp_path / "checkpoints" / "step-2"
+    shutil.copytree(good.path, bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(Payload()))
+    live("pickle", bad / ".metadata")
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_model_state(bad)
+    info = list_committed(tmp_path / "checkpoints")[-1]
+    assert info.name == "step-2"
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        mgr.load(info)
+    assert not marker.exists()
+
+    # 2. an optimizer hyper-parameter entry (stored by DCP as torch.save bytes) pointed at a malicious payload
+    bad = tmp_path / "checkpoints" / "step-3"
+    shutil.copytree(good.path, bad)
+    md = FileSystemReader(str(bad)).read_metadata()
+    key = next(k for k, v in md.state_dict_metadata.items() if k.startswith("optim.") and not hasattr(v, "size"))
+    index = next(i for i in md.storage_data if i.fqn == key)
+    buf = io.BytesIO()
+    torch.save(Payload(), buf)
+    shard = bad / md.storage_data[index].relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(buf.getvalue())
+    md.storage_data[index] = type(md.storage_data[index])(md.storage_data[index].relative_path, offset,
+                                                          len(buf.getvalue()))
+    (bad / ".metadata").write_bytes(pickle.dumps(md))
+    live("torch", shard, offset)
+    with pytest.raises(CheckpointError, match="Weights only load failed.*GLOBAL exec"):
+        mgr.load(list_committed(tmp_path / "checkpoints")[-1])
+    assert not marker.exists()
+    # the model weights of that checkpoint are intact and still readable: only the poisoned entry is refused
+    assert load_model_state(bad).keys() == load_model_state(good.path).keys()
+
+
+# -- end to end: same world size ---------------------------------------------------------------------------------
+SAME = ("--training.max_steps", "16", "--training.save_steps", "4", "--training.async_save", "true",
+        "--training.keep_last_k", "0")
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_is_bit_identical(tmp_path, demo_data):
+    """Three launches of the same command (SIGTERM; SIGTERM while a periodic async save is in flight; run to the
+    end) give, step for step, exactly the losses, learning rates, gradient norms and final weights of one
+    uninterrupted launch. (The stop file and 2 -> 1 -> 2 ranks: the elastic test.)"""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_train(ref, demo_data, *SAME)
+
+    proc = launch(out, demo_data, *SAME)
+    wait_until(lambda: last_step(out) >= 2, proc, "step 2")
+    frozen(proc, lambda: proc.send_signal(signal.SIGTERM))
+    assert finish(proc)[0] == 0
+    s1 = last_step(out)
+
+    # every checkpoint write now sleeps 1 s first (a slow filesystem), so the stop comes mid-save
+    proc = launch(out, demo_data, *SAME, env=child_env(**{SAVE_DELAY_ENV: "1"}))
+    in_flight = []
+
+    def periodic_in_flight():
+        in_flight[:] = [n for n in names(out) if n.startswith(".tmp-step-") and n[len(".tmp-step-"):].isdigit()]
+        return bool(in_flight)
+
+    wait_until(periodic_in_flight, proc, "a periodic save in flight")
+    frozen(proc, lambda: proc.send_signal(signal.SIGTERM))
+    assert finish(proc)[0] == 0
+    s2 = last_step(out)
+    flying = in_flight[0][len(".tmp-"):]
+    assert flying in committed(out)  # the stop waited for the save in flight and committed it
+    launch2 = [e for e in events(out) if e["launch"] == 2]
+    assert [e["event"] for e in launch2][-1] == "stop"
+    saves = [e for e in launch2 if e["event"] == "save"]
+    assert saves[0]["checkpoint"] == flying and saves[0]["async"] is True
+    assert [s["checkpoint"] for s in saves[1:]] == ([] if int(flying[5:]) == s2 else [f"step-{s2}-shutdown"])
+
+    run_train(out, demo_data, *SAME)
+    assert status_word(out) == "COMPLETED"
+    resumes = [e for e in events(out) if e["event"] == "resume"]
+    assert [e["step"] for e in resumes] == [s1, s2] and 0 < s1 < s2 < 16
+    assert all(e["config_changes"] == {} for e in resumes)
+    assert kinds(out).count("stop") == 2
+    assert not [n for n in names(out) if n.startswith(".")]
+    strip = [{k: r[k] for k in ("step", "loss", "lr", "grad_norm", "tokens")} for r in metrics(ref)]
+    assert [{k: r[k] for k in ("step", "loss", "lr", "grad_norm", "tokens")} for r in metrics(out)] == strip
+    assert [r["step"] for r in metrics(out)] == list(range(1, 17))
+    assert_same_weights(ref / "checkpoints" / "step-16-final", out / "checkpoints" / "step-16-final")
+
+
+# -- end to end: a different world size --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_elastic_two_ranks_one_rank_two_ranks(tmp_path, demo_data):
+    """2 ranks -> 1 -> 2: DCP reshards model and optimizer, the data stream continues exactly (the audit of
+    every step's token spans is identical) and the losses follow the uninterrupted run."""
+    from gpt_simple.shutdown import request_stop
+    args = ("--training.max_steps", "10", "--data.audit", "true")
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_train(ref, demo_data, *args)  # one process: the stream and the losses do not depend on the world size
+    for nproc, more in ((2, 3), (1, 3)):
+        proc = launch(out, demo_data, *args, nproc=nproc)
+        target = last_step(out) + more
+        wait_until(lambda: last_step(out) >= target, proc, f"step {target}")
+        frozen(proc, lambda: request_stop(out))
+        code, _, stderr = finish(proc)
+        assert code == 0, stderr[-3000:]
+        assert status_word(out) == "STOPPED"
+    run_train(out, demo_data, *args, nproc=2)
+    assert status_word(out) == "COMPLETED"
+    assert [e["world_size"] for e in events(out) if e["event"] == "launch"] == [2, 1, 2]
+    assert [e["step"] for e in events(out) if e["event"] == "resume"] == \
+        [e["step"] for e in events(out) if e["event"] == "stop"]
+    audit = lambda run: [json.loads(line) for line in (run / "data_audit.jsonl").read_text().splitlines()]
+    assert audit(out) == audit(ref) and [a["step"] for a in audit(out)] == list(range(1, 11))
+    a, b = losses(ref), losses(out)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))
+    for (_, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-4, abs=1e-5)
+    wa = load_model_state(ref / "checkpoints" / "step-10-final")
+    wb = load_model_state(out / "checkpoints" / "step-10-final")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-4)
+
+
+# -- end to end: kill -9 during a save ---------------------------------------------------------------------------
+KILL = ("--training.save_steps", "2", "--training.keep_last_k", "0")
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves(tmp_path, demo_data):
+    """SIGKILL mid-save, twice (during an async periodic save, then during the final save): each next start
+    removes the half-written directory (and an uncommitted one planted at a higher step), resumes from the newest
+    committed checkpoint by step (a -final at a lower step, left from before max_steps was raised, does not
+    win) and the run ends with exactly the uninterrupted run's losses and weights.
+
+    Also: an async save's staging copy overlaps the next forward/backward and the optimizer step waits for it.
+    With that copy slowed down in the reference run (it would otherwise finish long before the step), its
+    periodic step-4 checkpoint still holds exactly the weights after step 4: those of a run that ended there."""
+    from gpt_simple.checkpoint import STAGE_DELAY_ENV
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_train(ref, demo_data, *KILL, "--training.max_steps", "8", env=child_env(**{STAGE_DELAY_ENV: "0.5"}))
+    run_train(out, demo_data, *KILL, "--training.max_steps", "4")
+    assert committed(out) == ["step-2", "step-4-final"]
+    assert_same_weights(ref / "checkpoints" / "step-4", out / "checkpoints" / "step-4-final")
+    slow = child_env(**{SAVE_DELAY_ENV: "2"})  # every checkpoint write sleeps 2 s first: a slow filesystem
+
+    def killed_mid_save(partial, also=lambda: True):
+        proc = launch(out, demo_data, *KILL, "--training.max_steps", "8", env=slow)
+        wait_until(lambda: partial in names(out) and also(), proc, f"{partial} in flight")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert partial in names(out) and status_word(out) == "CRASHED"
+
+    def removed_at(launch_no):
+        return {e["name"] for e in events(out) if e["event"] == "partial_checkpoint_removed"
+                and e["launch"] == launch_no}
+
+    def resumed_at(launch_no):
+        return [e["checkpoint"] for e in events(out) if e["event"] == "resume" and e["launch"] == launch_no]
+
+    killed_mid_save(".tmp-step-6")  # launch 2, resumed from step-4-final
+    assert committed(out)[-1] == "step-4-final"
+    killed_mid_save(".tmp-step-8-final", also=lambda: "step-6" in committed(out))  # launch 3
+    assert removed_at(3) == {".tmp-step-6"} and resumed_at(3) == ["step-4-final"]
+    assert committed(out) == ["step-2", "step-4-final", "step-6"]
+
+    planted = out / "checkpoints" / "step-100"  # everything of a checkpoint but the commit marker
+    shutil.copytree(out / "checkpoints" / "step-6", planted)
+    (planted / COMMITTED).unlink()
+    proc = run_train(out, demo_data, *KILL, "--training.max_steps", "8")
+    assert "removed uncommitted checkpoint .tmp-step-8-final" in proc.stdout
+    assert removed_at(4) == {".tmp-step-8-final", "step-100"} and resumed_at(4) == ["step-6"]
+    assert not [n for n in names(out) if n.startswith(".") or n == "step-100"]
+    assert status_word(out) == "COMPLETED"
+    assert losses(out) == losses(ref)
+    assert_same_weights(ref / "checkpoints" / "step-8-final", out / "checkpoints" / "step-8-final")
+
+
+# -- end to end: corrupt checkpoints -----------------------------------------------------------------------------
+def corrupt(ckpt: Path, part: str) -> None:
+    if part == "shard truncated":
+        shard = ckpt / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif part == "meta.json garbled":
+        (ckpt / "meta.json").write_text('{"step": 6, "arch')
+    elif part == "DCP metadata garbled":
+        data = bytearray((ckpt / ".metadata").read_bytes())
+        data[len(data) // 3: len(data) // 3 + 64] = b"\xff" * 64
+        (ckpt / ".metadata").write_bytes(bytes(data))
+    else:
+        raise ValueError(part)
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoints_fall_back_to_the_previous(tmp_path, demo_data):
+    """The three newest checkpoints are each damaged differently: the next start warns about each, records a
+    checkpoint_fallback event for each, moves them aside as corrupt-NAME and resumes from the one before, then
+    re-trains exactly as before. With nothing loadable left it refuses (never silently starts afresh)."""
+    out = tmp_path / "run"
+    args = ("--training.max_steps", "8", "--training.save_steps", "2", "--training.keep_last_k", "0")
+    run_train(out, demo_data, *args)
+    before = losses(out)
+    damage = {"step-8-final": "shard truncated", "step-6": "meta.json garbled", "step-4": "DCP metadata garbled"}
+    for name, part in damage.items():
+        corrupt(out / "checkpoints" / name, part)
+
+    proc = run_train(out, demo_data, *args)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: checkpoint ")]
+    assert [w.split()[2] for w in warnings] == list(damage), proc.stderr
+    assert all(w.endswith("falling back to the one before") for w in warnings)
+    fallbacks = [e for e in events(out) if e["event"] == "checkpoint_fallback"]
+    assert [e["checkpoint"] for e in fallbacks] == list(damage)
+    assert all("\n" not in e["error"] and str(out) in e["error"] for e in fallbacks)
+    assert [e["checkpoint"] for e in events(out) if e["event"] == "resume"] == ["step-2"]
+    assert sorted(n for n in names(out) if n.startswith("corrupt-")) == sorted(f"corrupt-{n}" for n in damage)
+    assert committed(out) == ["step-2", "step-4", "step-6", "step-8-final"]
+    assert status_word(out) == "COMPLETED" and losses(out) == before
+
+    for name in committed(out):
+        corrupt(out / "checkpoints" / name, "meta.json garbled")
+    proc = run_train(out, demo_data, *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no checkpoint under ")
+    assert status_word(out) == "ERROR"
+    assert committed(out) == ["step-2", "step-4", "step-6", "step-8-final"]  # none moved aside
+
+
+# -- end to end: retention ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_retention_keeps_last_k_and_milestones(tmp_path, demo_data):
+    out = tmp_path / "run"
+    args = ("--training.save_steps", "2", "--training.keep_last_k", "2", "--training.keep_milestone_every", "4")
+    run_train(out, demo_data, *args, "--training.max_steps", "12")
+    assert names(out) == ["step-10", "step-12-final", "step-4", "step-8"]  # no .trash-* left behind
+    assert [e["checkpoint"] for e in events(out) if e["event"] == "save"] == \
+        ["step-2", "step-4", "step-6", "step-8", "step-10", "step-12-final"]
+    run_train(out, demo_data, *args, "--training.max_steps", "14")
+    assert names(out) == ["step-12-final", "step-14-final", "step-4", "step-8"]
+
+
+# -- end to end: what a resume accepts and refuses -----------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_refusals_scratch_force_path_and_config_changes(tmp_path, demo_data):
+    out = tmp_path / "run"
+    args = ("--training.max_steps", "4", "--training.save_steps", "2", "--training.keep_last_k", "0")
+    run_train(out, demo_data, *args)
+    first = losses(out)
+    before = digest(out / "checkpoints")
+
+    # another architecture: refused in one line naming the field; ERROR; the checkpoint is not touched
+    proc = run_train(out, demo_data, *args, "--model.n_layer", "3", check=False)
+    assert proc.returncode == 2
+    line = one_error_line(proc.stderr)
+    assert "architecture differs" in line and "model.n_layer (2 in checkpoint, 3 now)" in line
+    assert "model.n_embd" not in line
+    assert status_word(out) == "ERROR"
+    assert digest(out / "checkpoints") == before and not [n for n in names(out) if n.startswith("corrupt-")]
+
+    # 'scratch' refuses to overwrite a run; --force clears it and starts afresh
+    proc = run_train(out, demo_data, *args, "--training.resume", "scratch", check=False)
+    assert proc.returncode == 2
+    assert "--force" in one_error_line(proc.stderr)
+    assert status_word(out) == "ERROR" and digest(out / "checkpoints") == before
+    proc = run_train(out, demo_data, *args, "--training.resume", "scratch", "--force")
+    assert "starting a fresh run" in proc.stdout
+    assert kinds(out)[0] == "launch" and "resume" not in kinds(out) and "error" not in kinds(out)  # cleared
+    assert losses(out) == first and committed(out) == ["step-2", "step-4-final"]
+
+    # a path: that checkpoint, even when newer ones exist; non-architecture changes are allowed and logged
+    ckpt = str(out / "checkpoints" / "step-2")
+    proc = run_train(out, demo_data, *args, "--training.resume", ckpt, "--optimizer.lr", "1e-3",
+                     "--training.max_steps", "5")
+    assert "resumed from step-2 (step 2" in proc.stdout and "config changed since the checkpoint: " in proc.stdout
+    resume = [e for e in events(out) if e["event"] == "resume"][-1]
+    assert resume["checkpoint"] == "step-2"
+    assert resume["config_changes"] == {"optimizer.lr": [0.003, 0.001], "training.max_steps": [4, 5],
+                                        "training.resume": ["scratch", ckpt]}
+    now = losses(out)
+    assert [s for s, _ in now] == [1, 2, 3, 4, 5]
+    assert now[:3] == first[:3]  # step 3's loss is computed before its (new-lr) update
+    assert now[3] != first[3] and metrics(out)[2]["lr"] < 1e-3
+
+    proc = run_train(out, demo_data, *args, "--training.resume", str(out / "checkpoints" / "step-3"), check=False)
+    assert proc.returncode == 2
+    assert "is not a committed checkpoint directory" in one_error_line(proc.stderr)
+    assert status_word(out) == "ERROR"
+
+
+# -- end to end: a save that fails ---------------------------------------------------------------------------------
+def _file_size_limit(limit: int):
+    def apply():  # in the child, before exec: a per-file size limit even root cannot write past (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+def test_failed_saves_leave_previous_checkpoints_and_fail_loudly(tmp_path, demo_data):
+    """A write that fails (here: the shard outgrows a file-size limit, as on a full disk) fails the run with
+    ERROR, for an async periodic save and for a synchronous final save; the checkpoints already committed are
+    untouched and the next start removes the partial directory and resumes from them."""
+    out = tmp_path / "run"
+    base = ("--training.keep_last_k", "0", "--training.max_steps")
+    run_train(out, demo_data, *base, "4", "--training.save_steps", "2")
+    assert committed(out) == ["step-2", "step-4-final"]
+    before = digest(out / "checkpoints")
+
+    for save_steps, failed in (("2", "step-6"), ("0", "step-8-final")):
+        proc = launch(out, demo_data, *base, "8", "--training.save_steps", save_steps,
+                      preexec_fn=_file_size_limit(256 * 1024))
+        code, stdout, stderr = finish(proc)
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1].startswith(f"error: saving {failed} failed ("), stderr
+        assert status_word(out) == "ERROR"
+        assert [e for e in events(out) if e["event"] == "error"][-1]["message"].startswith(f"saving {failed} failed")
+        assert committed(out) == ["step-2", "step-4-final"]
+        assert {k: v for k, v in digest(out / "checkpoints").items() if not k.startswith(".tmp-")} == before
+        assert f".tmp-{failed}" in names(out)
+
+    proc = run_train(out, demo_data, *base, "8", "--training.save_steps", "0")
+    assert "removed uncommitted checkpoint .tmp-step-8-final" in proc.stdout
+    assert [e["checkpoint"] for e in events(out) if e["event"] == "resume"] == ["step-4-final"] * 3
+    assert status_word(out) == "COMPLETED" and committed(out) == ["step-2", "step-4-final", "step-8-final"]
+
+
+# -- end to end: no state is saved twice ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_halt_right_after_a_periodic_save_does_not_save_again(tmp_path):
+    """A bucket that runs dry right after a periodic save: the halt commits that save instead of writing the
+    same state again as step-N-shutdown. (A stop right after one: test_shutdown's save-in-flight test.)"""
+    from test_data_helpers import write_bucket
+    data = tmp_path / "data"
+    write_bucket(data, "a", [3000] * 20, seed=1)
+    write_bucket(data, "b", [300] * 3, seed=2)
+    args = ("--data.curriculum", "[{mix = {a = 1, b = 1}}]", "--training.max_steps", "50")
+    first = tmp_path / "first"
+    run_train(first, data, *args)
+    assert status_word(first) == "HALTED"
+    halt = json.loads((first / "HALTED").read_text())["step"]
+    assert halt >= 2 and committed(first) == [f"step-{halt}-shutdown"]
+
+    out = tmp_path / "run"
+    run_train(out, data, *args, "--training.save_steps", str(halt))
+    assert status_word(out) == "HALTED" and committed(out) == [f"step-{halt}"]
+    assert [e["event"] for e in events(out)][-2:] == ["save", "halt"]
+    assert len([e for e in events(out) if e["event"] == "save"]) == 1
+
