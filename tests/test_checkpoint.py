@@ -188,6 +188,25 @@ def _tiny_trained_manager(out: Path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_tied_weight_is_saved_once_and_stays_tied_after_loading(tmp_path):
+    from gpt_simple.checkpoint import read_dcp_metadata, read_meta
+    mgr, meta, _ = _tiny_trained_manager(tmp_path)
+    model = mgr.model
+    mgr.save(1, meta)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = read_dcp_metadata(mgr.last_committed.path).state_dict_metadata
+    assert "model.tok_emb.weight" in keys and "model.head.weight" not in keys
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    mgr.load(mgr.last_committed)
+    assert model.head.weight is model.tok_emb.weight
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert read_meta(mgr.last_committed.path)["arch_hash"] == meta["arch_hash"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     """A checkpoint whose DCP metadata, or one of whose non-tensor entries, is a malicious pickle is refused
     without running it. The payloads are live: plain unpickling runs them (checked in a child process)."""
