@@ -218,7 +218,10 @@ class _Writer(FileSystemWriter):
 
 
 def _stager_class():
-    from torch.distributed.checkpoint.staging import DefaultStager
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager
+    except ImportError:  # torch before DefaultStager: async_save then stages (blocking) with its own copy
+        return None
 
     class _Stager(DefaultStager):
         """DefaultStager with the optional test delay before each staging copy (in the staging thread)."""
@@ -347,7 +350,7 @@ class CheckpointManager:
 
         Staging runs in the stager's own thread, overlapping the next step's forward and backward (which read
         the weights but do not change them); before_update() makes the optimizer step wait for it."""
-        if self._stager is None:
+        if self._stager is None and _stager_class() is not None:
             from torch.distributed.checkpoint.staging import StagingOptions
             cuda = self.device.type == "cuda"
             options = StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
@@ -381,8 +384,9 @@ class CheckpointManager:
             state = self._app_state()
             writer = _Writer(str(tmp))
             if asynchronous:
+                stager = self.stager()
                 response = dcp.async_save(state, storage_writer=writer, process_group=self.group,
-                                          async_stager=self.stager())
+                                          **({"async_stager": stager} if stager is not None else {}))
                 future = getattr(response, "upload_completion", response)
                 staged = getattr(response, "staging_completion", None)
             else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,26 @@ def run_train(out: Path, data: Path, *args: str, nproc: int = 1, env: dict | Non
         raise AssertionError(f"train.py exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def start_train(out: Path, data: Path, *args: str, nproc: int = 1, env: dict | None = None,
+                **popen) -> subprocess.Popen:
+    """Start train.py (or torchrun) on the tiny config in the background, in its own process group (so that a
+    test can signal or kill the whole job); extra args override."""
+    cmd = train_cmd(*TINY, "--data.dir", str(data), "--data.demo", "false", "--training.output_dir", str(out),
+                    *args, nproc=nproc)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    """Wait for a start_train job; on timeout kill its process group. (returncode, stdout, stderr)"""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, stdout, stderr
 
 
 def metrics(out: Path) -> list[dict]:

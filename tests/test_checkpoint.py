@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, TINY, child_env, events, losses, metrics, status_word, train_cmd
+from conftest import PYTHON, ROOT, TINY, child_env, events, finish, losses, metrics, start_train, status_word
 from conftest import run_train as _run_train
 from gpt_simple.checkpoint import (COMMITTED, CheckpointError, CheckpointManager, SAVE_DELAY_ENV, list_committed,
                                    load_model_state)
@@ -34,11 +34,7 @@ def run_train(out, data, *args, **kwargs):
 
 
 def launch(out, data, *args, nproc=1, env=None, **popen):
-    """Start a run in the background (its own process group) on the tiny config."""
-    cmd = train_cmd(*TINY, "--data.dir", str(data), "--data.demo", "false", "--training.output_dir", str(out),
-                    *FAST, *args, nproc=nproc)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, **popen)
+    return start_train(out, data, *FAST, *args, nproc=nproc, env=env, **popen)
 
 
 def wait_until(condition, proc, what, timeout=120):
@@ -67,15 +63,6 @@ def frozen(proc, action) -> None:
         action()
     finally:
         os.killpg(proc.pid, signal.SIGCONT)
-
-
-def finish(proc, timeout=180):
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return proc.returncode, stdout, stderr
 
 
 def names(out) -> list[str]:
@@ -172,7 +159,7 @@ def test_retention_rules(tmp_path):
 
 
 def _tiny_trained_manager(out: Path):
-    from gpt_simple.config import Config, load_config
+    from gpt_simple.config import load_config
     from gpt_simple.model import GPT
     from gpt_simple.optim import build_optimizer
     cfg = load_config(ROOT / "configs" / "tiny.toml", TINY[2:])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, child_env, events, losses, status_word, train_cmd
+from conftest import ROOT, child_env, events, finish, losses, start_train, status_word
 from gpt_simple.shutdown import resolve_deadline
 
 
@@ -42,10 +42,8 @@ def test_unparsable_value_is_reported_and_next_source_used(bad):
 
 # -- real processes ----------------------------------------------------------------------------------------------
 def launch(out, data, *args, nproc=1, env=None):
-    cmd = train_cmd(*TINY, "--data.dir", str(data), "--data.demo", "false", "--training.output_dir", str(out),
-                    "--training.max_steps", "100000", "--optimizer.decay_steps", "0", *args, nproc=nproc)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return start_train(out, data, "--training.max_steps", "100000", "--optimizer.decay_steps", "0", *args,
+                       nproc=nproc, env=env)
 
 
 def wait_for_steps(out, n, proc, timeout=120):
@@ -58,15 +56,6 @@ def wait_for_steps(out, n, proc, timeout=120):
             raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         time.sleep(0.1)
     raise AssertionError(f"no {n} steps within {timeout}s")
-
-
-def finish(proc, timeout=120):
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return proc.returncode, stdout, stderr
 
 
 def shutdown_checkpoints(out):

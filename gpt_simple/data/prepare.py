@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 
 from gpt_simple.data.shards import ShardError, ShardWriter, dtype_for_vocab
 from gpt_simple.data.tokenizer import get_tokenizer
