@@ -15,6 +15,9 @@ until it returns + the optimizer step's wait for staging + the commit). The back
 with the loop for cores, memory bandwidth and the GIL, a cost blocking alone would hide: the last row compares
 the loop's steps/s while a save is in flight with its steps/s with none (measured interleaved).
 
+The last row runs the real train.py on configs/tiny.toml with one async save halfway: its step time after the
+save against before it (a save must leave nothing behind that slows the steps after it).
+
     python bench/checkpoint.py            # 5 sync + 5 async saves after a warm-up async save
     python bench/checkpoint.py --quick    # 1 + 1
     python bench/checkpoint.py --dir /fast/disk   # where to write (default: a temp dir, removed afterwards)
@@ -165,7 +168,31 @@ def run(quick: bool = False, directory: str | None = None, device: str = "auto",
         _row("checkpoint: training time lost per async save (in-flight time - its steps' undisturbed time), s",
              statistics.median(r["lost_s"] for r in asyn), sync_total,
              note=f"{spread([r['lost_s'] for r in asyn])}; a synchronous save loses its whole duration"),
+        _after_first_save(quick),
     ]
+
+
+def _after_first_save(quick: bool) -> dict:
+    """train.py on configs/tiny.toml (0.1 s steps, where per-op overhead shows): the step time of the logged
+    windows after its one async save has committed, against the windows before it. A save used to leave a
+    helper thread with an OpenMP team of its own, after which every step was 30-40 % slower on 2 cores (see
+    gpt_simple.parallel.one_thread_here)."""
+    from bench.common import TrainRun, scratch_dir
+    steps, save_at, log = (120, 60, 10) if quick else (240, 120, 10)
+    run = TrainRun(scratch_dir("after-save") / "run", [
+        "--training.max_steps", str(steps), "--training.save_steps", str(save_at), "--training.log_steps", str(log),
+        "--optimizer.warmup_steps", "5", "--training.peak_flops", "1e12"], config=ROOT / "configs" / "tiny.toml",
+        name="train.py (tiny)").start()
+    if run.wait_exit(timeout=900) != 0:
+        raise RuntimeError(f"train.py (tiny) failed:\n{run.log_tail()}")
+    tokens = run.metrics()[0]["tokens"] / log  # tokens per step
+    step_s = {r["step"]: tokens / r["tokens_per_s"] for r in run.metrics()}
+    # skip the first window (start-up) and the two around the save in flight
+    before = [s for k, s in step_s.items() if 2 * log <= k <= save_at]
+    after = [s for k, s in step_s.items() if save_at + 2 * log < k]
+    return _row("checkpoint: step time after a checkpoint / before it (train.py, configs/tiny.toml), s",
+                statistics.median(after), statistics.median(before), 1.05,
+                f"median of {len(after)} and {len(before)} logged windows of {log} steps")
 
 
 def _row(metric: str, ours: float, baseline: float, target: float | None = None, note: str = "") -> dict:

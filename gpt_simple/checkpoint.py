@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt_simple.config import Config, ConfigError, ModelConfig, diff
-from gpt_simple.parallel import all_reduce_max
+from gpt_simple.parallel import all_reduce_max, one_thread_here
 
 COMMITTED = "COMMITTED"
 META = "meta.json"
@@ -211,6 +211,7 @@ class _Writer(FileSystemWriter):
     """FileSystemWriter (fsyncs every file) with the optional test delay before writing."""
 
     def write_data(self, plan, planner):
+        one_thread_here()  # an async save writes from DCP's thread
         delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
         if delay > 0:
             time.sleep(delay)
@@ -227,6 +228,7 @@ def _stager_class():
         """DefaultStager with the optional test delay before each staging copy (in the staging thread)."""
 
         def _stage(self, state_dict, **kwargs):
+            one_thread_here()
             delay = float(os.environ.get(STAGE_DELAY_ENV) or 0)
             if delay > 0:
                 time.sleep(delay)
@@ -311,6 +313,9 @@ class CheckpointManager:
         self._stager = None
         # Background DCP collectives get their own gloo group so they never interleave with training's.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # One process needs no collectives; DCP's plan exchange through gloo would also leave gloo's worker
+        # thread with an OpenMP team of its own (see parallel.one_thread_here): slower steps ever after.
+        self.solo = not dist.is_initialized() or dist.get_world_size() == 1
 
     # -- start-up ---------------------------------------------------------------------------------------
     def clean_partial(self) -> list[str]:
@@ -340,6 +345,10 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         aliases = tied_aliases(self.model)
         return {"model": {k: v for k, v in model_sd.items() if k not in aliases}, "optim": optim_sd}
+
+    def _scope(self) -> dict:
+        """Where DCP coordinates: this process alone, or the checkpoint group."""
+        return {"no_dist": True} if self.solo else {"process_group": self.group}
 
     def _agree_failed(self, error: BaseException | None) -> bool:
         return all_reduce_max([float(error is not None)], torch.device("cpu"), self.group)[0] > 0
@@ -385,12 +394,12 @@ class CheckpointManager:
             writer = _Writer(str(tmp))
             if asynchronous:
                 stager = self.stager()
-                response = dcp.async_save(state, storage_writer=writer, process_group=self.group,
+                response = dcp.async_save(state, storage_writer=writer, **self._scope(),
                                           **({"async_stager": stager} if stager is not None else {}))
                 future = getattr(response, "upload_completion", response)
                 staged = getattr(response, "staging_completion", None)
             else:
-                dcp.save(state, storage_writer=writer, process_group=self.group)
+                dcp.save(state, storage_writer=writer, **self._scope())
         except DCP_ERRORS as e:  # every rank must reach the agreement in _commit
             future = e
         self.pending = _Pending(info, tmp, future, started, time.perf_counter() - started, asynchronous, staged)
@@ -512,7 +521,7 @@ class CheckpointManager:
         state = self._app_state()
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
-                     process_group=self.group)
+                     **self._scope())
         except DCP_ERRORS as e:
             raise CheckpointError(f"{info.path}: cannot read the checkpoint ({describe_error(e)})") from None
         for alias, source in tied_aliases(self.model).items():

@@ -23,6 +23,7 @@ import torch
 
 from gpt_simple.data.curriculum import BucketExhausted, DataError, Schedule, nothing_left, resolve_phases
 from gpt_simple.data.shards import Bucket
+from gpt_simple.parallel import one_thread_here
 
 Span = tuple  # (bucket, doc, token_start, token_end): tokens of the document followed by its EOS
 
@@ -205,6 +206,7 @@ class _Prefetcher:
         self.thread.start()
 
     def _run(self, state: dict) -> None:
+        one_thread_here()
         while not self.stopping.is_set():
             try:
                 item = self.stream.materialize(self.stream.plan(state))
