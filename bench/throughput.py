@@ -99,8 +99,8 @@ def rows_from(res: dict) -> list[dict]:
             note=f"{fpt / 1e6:.1f} MFLOP/token (model.flops_per_token) x train.py tok/s, over a 2048^3 fp32 "
                  f"torch.mm with the same 2 threads measured in each round; plain loop reaches "
                  f"{median(plain_mfu):.3f}; train.py's own logged mfu "
-                 f"{median(reported_mfu):.3f} (its ceiling is measured once at start-up, beside the other "
-                 f"starting benchmark processes: too low)"),
+                 f"{median(reported_mfu):.3f} (its ceiling is measured once at start-up, while the other "
+                 f"benchmark processes start)"),
         row("CPU MFU of the plain loop (floor reference)", median(plain_tps) * fpt / 1e9,
             median(res["matmul"]) / 1e9, median(plain_mfu), "report", unit="GFLOP/s"),
     ]

@@ -55,6 +55,11 @@ SAVE_DELAY_ENV = "GPT_SIMPLE_SAVE_DELAY_S"
 STAGE_DELAY_ENV = "GPT_SIMPLE_STAGE_DELAY_S"
 
 
+# One process saves and loads with no_dist (CheckpointManager.solo); DCP then warns on every call, also from its
+# background write thread, that it is "assuming the intent is to save in a single process". It is.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
 class CheckpointError(RuntimeError):
     """A save that failed, or a checkpoint that cannot be used."""
 
@@ -252,7 +257,7 @@ def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tens
     if not state:
         raise CheckpointError(f"{path}: no tensors under {prefix!r} in the checkpoint")
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        with warnings.catch_warnings():  # DCP's warnings about a process-local load are not the user's concern
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({prefix.rstrip("."): state}, storage_reader=SafeFileSystemReader(path),
                      planner=SafeLoadPlanner(), no_dist=True)
