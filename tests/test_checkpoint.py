@@ -303,6 +303,26 @@ def test_stopped_and_resumed_is_bit_identical(tmp_path, demo_data):
     assert_same_weights(ref / "checkpoints" / "step-16-final", out / "checkpoints" / "step-16-final")
 
 
+@pytest.mark.slow
+def test_stopped_before_the_first_step_resumes_bit_identical(tmp_path, demo_data):
+    """A job whose deadline has already come when set-up ends stops at step 0 with a shutdown checkpoint; it holds
+    no optimizer state (there is none yet: DCP would invent one with AdamW's step count at 1), and the resumed
+    run equals the uninterrupted one bit for bit. Seen in the shell-loop test on a loaded machine."""
+    args = ("--training.max_steps", "6")
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_train(ref, demo_data, *args)
+    first = run_train(out, demo_data, *args, env=child_env(GPT_SIMPLE_MAX_RUNTIME="1"))
+    assert "STOPPED" in first.stdout and committed(out) == ["step-0-shutdown"], first.stdout[-2000:]
+    meta = json.loads((out / "checkpoints" / "step-0-shutdown" / "meta.json").read_text())
+    assert meta["step"] == 0 and meta["optimizer_state"] is False
+    run_train(out, demo_data, *args)
+    assert status_word(out) == "COMPLETED"
+    assert [e["step"] for e in events(out) if e["event"] == "resume"] == [0]
+    keys = ("step", "loss", "lr", "grad_norm", "tokens")
+    assert [{k: r[k] for k in keys} for r in metrics(out)] == [{k: r[k] for k in keys} for r in metrics(ref)]
+    assert_same_weights(ref / "checkpoints" / "step-6-final", out / "checkpoints" / "step-6-final")
+
+
 # -- end to end: a different world size --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_elastic_two_ranks_one_rank_two_ranks(tmp_path, demo_data):

@@ -1,215 +1,47 @@
-"""Sharded DCP checkpoints: async saves, atomic commits, discovery, fallback, retention.
+"""The CheckpointManager: sharded DCP saves (async for periodic ones), atomic commits, retention, loading with
+fallback.
 
-A checkpoint directory holds the DCP shards of model + optimizer (each rank writes its own), meta.json (step,
-counters, data cursor, config, architecture hash; written by rank 0) and rng/rank-R.json. It is written as
-checkpoints/.tmp-NAME and becomes checkpoints/NAME (rename) only after every rank's write has finished and
-COMMITTED has been written inside it; discovery sees committed directories only, so an interrupted save is
-never loaded, and start-up removes its leftovers.
-
+A save is written as checkpoints/.tmp-NAME and becomes checkpoints/NAME (rename) only after every rank's write
+has finished and COMMITTED has been written inside it; start-up removes the leftovers of interrupted saves.
 Async saves copy the state into reused CPU buffers in a staging thread while the next forward/backward runs (the
 optimizer step waits for the copy: before_update), then DCP writes it from a background thread. See
 docs/checkpointing.md.
-
-Nothing from disk is unpickled into arbitrary objects: meta.json and the RNG files are JSON, tensors are read
-by DCP with torch.load(weights_only=True), DCP's own .metadata file goes through an allow-list unpickler
-(only DCP's metadata dataclasses, torch.Size, dtypes and paths), and DCP's non-tensor entries (optimizer
-hyper-parameters) are read with torch.load(weights_only=True) instead of DCP's default weights_only=False.
 """
 from __future__ import annotations
 
-import base64
-import dataclasses
 import json
 import os
-import pickle
-import re
 import shutil
 import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
-from gpt_simple.config import Config, ConfigError, ModelConfig, diff
+from gpt_simple.checkpoint.files import (COMMITTED, CORRUPT_PREFIX, DCP_ERRORS, META, NAME_RE, ArchitectureMismatch,
+                                         CheckpointError, CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner,
+                                         _fsync_dir, _write_durable, check_architecture, checkpoint_name,
+                                         describe_error, list_committed, read_dcp_metadata, read_meta, rng_state,
+                                         set_rng_state)
+from gpt_simple.config import ModelConfig
 from gpt_simple.parallel import all_reduce_max, one_thread_here
 
-COMMITTED = "COMMITTED"
-META = "meta.json"
-KINDS = {"periodic": "", "shutdown": "-shutdown", "final": "-final"}
-NAME_RE = re.compile(r"^step-(\d+)(-shutdown|-final)?$")
-CORRUPT_PREFIX = "corrupt-"
 # Test and drill knob: every checkpoint write sleeps this long first (a slow filesystem), so a test can stop or
 # kill a job while a save is in flight. Unset in production.
 SAVE_DELAY_ENV = "GPT_SIMPLE_SAVE_DELAY_S"
 # Likewise for the async staging copy (a slow device-to-host copy), to test that no update overlaps it.
 STAGE_DELAY_ENV = "GPT_SIMPLE_STAGE_DELAY_S"
 
-
 # One process saves and loads with no_dist (CheckpointManager.solo); DCP then warns on every call, also from its
 # background write thread, that it is "assuming the intent is to save in a single process". It is.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-class CheckpointError(RuntimeError):
-    """A save that failed, or a checkpoint that cannot be used."""
-
-
-# DCP reports failures as CheckpointException, which derives from BaseException (not Exception): every place that
-# must survive a failed read or write catches both.
-DCP_ERRORS = (Exception, CheckpointException)
-
-
-def describe_error(error: BaseException) -> str:
-    """One line for a log, an event or a status: for DCP's CheckpointException (whose str is a traceback per rank),
-    each failing rank's own exception."""
-    if isinstance(error, CheckpointException):
-        return "; ".join(f"rank {rank}: {describe_error(exc)}" for rank, (exc, _) in sorted(error.failures.items()))
-    return " ".join(f"{type(error).__name__}: {error}".split())
-
-
-class ArchitectureMismatch(ConfigError):
-    """The checkpoint's model architecture differs from the config's: refused, never a reason to fall back."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    kind: str
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-def checkpoint_name(step: int, kind: str) -> str:
-    return f"step-{step}{KINDS[kind]}"
-
-
-def list_committed(root: Path) -> list[CheckpointInfo]:
-    """Committed checkpoints, oldest first (by step; at equal steps periodic < shutdown < final)."""
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            m = NAME_RE.match(path.name)
-            if m and (path / COMMITTED).exists():
-                kind = {"": "periodic", "-shutdown": "shutdown", "-final": "final"}[m.group(2) or ""]
-                found.append(CheckpointInfo(path, int(m.group(1)), kind))
-    order = {"periodic": 0, "shutdown": 1, "final": 2}
-    return sorted(found, key=lambda c: (c.step, order[c.kind]))
-
-
-def read_meta(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / META).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable {META} ({e})") from None
-
-
-def check_architecture(meta: dict, model_cfg: ModelConfig, where) -> None:
-    """Refuse a checkpoint whose architecture hash differs from `model_cfg`, naming the differing fields."""
-    now = Config(model=model_cfg)
-    if meta.get("arch_hash") == now.arch_hash():
-        return
-    fields = diff(meta.get("architecture") or {}, now.architecture())
-    named = ", ".join(f"model.{k} ({a!r} in checkpoint, {b!r} now)" for k, (a, b) in fields.items()) or \
-        f"arch hash {meta.get('arch_hash')!r} in checkpoint, {now.arch_hash()!r} now"
-    raise ArchitectureMismatch(f"{where}: architecture differs from the config: {named}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if device.type == "cuda":
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    def tensor(b64: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
-    torch.set_rng_state(tensor(state["cpu"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(tensor(state["cuda"]), device)
-
-
-# -- safe reading of DCP checkpoints ------------------------------------------------------------------------
-_DCP_METADATA_TYPES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # maps a layout name to torch.strided etc.
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP writes its .metadata with pickle; read it back allowing only DCP's own metadata types."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _DCP_METADATA_TYPES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not a DCP metadata "
-                                     f"type; refusing to unpickle it")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata read goes through the allow-list unpickler (tensors: weights_only)."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        rank = kwargs.get("rank")
-        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not DCP metadata ({type(metadata).__name__})")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = getattr(self, "load_id", None)
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner reading non-tensor entries with torch.load(weights_only=True) (DCP's default is False)."""
-
-    def load_bytes(self, read_item, value) -> None:
-        from torch.distributed.checkpoint._traverse import set_element
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 class _Writer(FileSystemWriter):
@@ -240,40 +72,6 @@ def _stager_class():
             return super()._stage(state_dict, **kwargs)
 
     return _Stager
-
-
-def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """The full (unsharded) model weights of a checkpoint, in this process, without torch.distributed.
-
-    Reads only the tensors under `prefix` (the optimizer state is skipped) and returns them with the prefix
-    removed, as plain CPU tensors named like GPT.state_dict().
-    """
-    path = Path(path)
-    metadata = read_dcp_metadata(path)
-    state = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if key.startswith(prefix) and hasattr(md, "size"):
-            state[key[len(prefix):]] = torch.empty(md.size, dtype=md.properties.dtype)
-    if not state:
-        raise CheckpointError(f"{path}: no tensors under {prefix!r} in the checkpoint")
-    try:
-        with warnings.catch_warnings():  # DCP's warnings about a process-local load are not the user's concern
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({prefix.rstrip("."): state}, storage_reader=SafeFileSystemReader(path),
-                     planner=SafeLoadPlanner(), no_dist=True)
-    except DCP_ERRORS as e:  # DCP wraps read errors in its own exception types
-        raise CheckpointError(f"{path}: cannot read the model tensors ({describe_error(e)})") from None
-    return state
-
-
-def read_dcp_metadata(path: Path) -> Metadata:
-    """DCP's .metadata through the allow-list unpickler; any failure is a one-line CheckpointError. Reading it
-    before dcp.load also keeps DCP from its fallback to per-rank metadata, which logs tracebacks."""
-    try:
-        return SafeFileSystemReader(path).read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError, IndexError,
-            CheckpointError) as e:
-        raise CheckpointError(f"{path}: unreadable DCP metadata ({describe_error(e)})") from None
 
 
 def tied_aliases(model) -> dict[str, str]:
@@ -343,13 +141,24 @@ class CheckpointManager:
         return list_committed(self.root)
 
     # -- saving -----------------------------------------------------------------------------------------
-    def _app_state(self) -> dict:
+    def _app_state(self, with_optimizer: bool) -> dict:
         """What DCP saves and loads in place. A tied weight (the output head is the token embedding) appears
         under both names: it is saved once, under the first (for GPT-2 124M that saves 154 MB per checkpoint),
-        and load() puts it back under the others."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        and load() puts it back under the others.
+
+        Before the first optimizer step there is no optimizer state, and get_state_dict would make one: it
+        runs a step with zero gradients and lr 0, which leaves the weights alone but sets AdamW's step count to
+        1, so a run resumed from such a save would bias-correct every later step differently from one that
+        never stopped. Those saves hold the model only (meta.json: "optimizer_state": false)."""
+        if with_optimizer:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        else:
+            model_sd, optim_sd = get_model_state_dict(self.model), None
         aliases = tied_aliases(self.model)
-        return {"model": {k: v for k, v in model_sd.items() if k not in aliases}, "optim": optim_sd}
+        state = {"model": {k: v for k, v in model_sd.items() if k not in aliases}}
+        if optim_sd is not None:
+            state["optim"] = optim_sd
+        return state
 
     def _scope(self) -> dict:
         """Where DCP coordinates: this process alone, or the checkpoint group."""
@@ -380,6 +189,7 @@ class CheckpointManager:
         """
         self.wait()
         info = CheckpointInfo(self.root / checkpoint_name(step, kind), step, kind)
+        with_optimizer = bool(self.optimizer.state)  # the same on every rank: all of them step together
         tmp = self.root / f".tmp-{info.name}"
         started = time.perf_counter()
         error: BaseException | None = None
@@ -387,7 +197,8 @@ class CheckpointManager:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / "rng").mkdir(parents=True)
-                _write_durable(tmp / META, json.dumps({**meta, "step": step, "kind": kind, "saved_at": time.time()}))
+                _write_durable(tmp / META, json.dumps({**meta, "step": step, "kind": kind, "saved_at": time.time(),
+                                                       "optimizer_state": with_optimizer}))
             except OSError as e:
                 error = e
         if self._agree_failed(error):  # also the barrier: the directory exists before any rank writes into it
@@ -395,7 +206,7 @@ class CheckpointManager:
         future = staged = None
         try:
             _write_durable(tmp / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state(self.device)))
-            state = self._app_state()
+            state = self._app_state(with_optimizer)
             writer = _Writer(str(tmp))
             if asynchronous:
                 stager = self.stager()
@@ -523,7 +334,8 @@ class CheckpointManager:
         if isinstance(model_cfg, ModelConfig):
             check_architecture(meta, model_cfg, info.path)
         read_dcp_metadata(info.path)
-        state = self._app_state()
+        with_optimizer = meta.get("optimizer_state", True)
+        state = self._app_state(with_optimizer)
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
                      **self._scope())
@@ -531,7 +343,12 @@ class CheckpointManager:
             raise CheckpointError(f"{info.path}: cannot read the checkpoint ({describe_error(e)})") from None
         for alias, source in tied_aliases(self.model).items():
             state["model"][alias] = state["model"][source]
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if with_optimizer:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        else:  # saved before the first step: the optimizer starts as fresh as it was then
+            set_model_state_dict(self.model, state["model"])
+            self.optimizer.state.clear()  # a newer checkpoint that failed to load may have filled it
         rng_file = info.path / "rng" / f"rank-{self.rank}.json"
         if rng_file.exists():
             set_rng_state(json.loads(rng_file.read_text()), self.device)
@@ -586,15 +403,3 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
-
-
-def model_config_from_meta(meta: dict) -> ModelConfig:
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    arch = meta.get("architecture") or meta.get("config", {}).get("model", {})
-    return ModelConfig(**{k: v for k, v in arch.items() if k in names})
-
-
-__all__ = ["COMMITTED", "DCP_ERRORS", "META", "NAME_RE", "ArchitectureMismatch", "CheckpointError",
-           "CheckpointInfo", "CheckpointManager", "SafeFileSystemReader", "SafeLoadPlanner", "check_architecture",
-           "describe_error", "list_committed", "load_model_state", "model_config_from_meta", "read_dcp_metadata",
-           "read_meta"]

@@ -1,0 +1,229 @@
+"""What a checkpoint is on disk, and reading it safely.
+
+A checkpoint directory holds the DCP shards of model + optimizer (each rank writes its own), meta.json (step,
+counters, data cursor, config, architecture hash; written by rank 0), rng/rank-R.json, and COMMITTED, written
+last. Discovery sees committed directories only, so an interrupted save is never loaded.
+
+Nothing from disk is unpickled into arbitrary objects: meta.json and the RNG files are JSON, tensors are read
+by DCP with torch.load(weights_only=True), DCP's own .metadata file goes through an allow-list unpickler
+(only DCP's metadata dataclasses, torch.Size, dtypes and paths), and DCP's non-tensor entries (optimizer
+hyper-parameters) are read with torch.load(weights_only=True) instead of DCP's default weights_only=False.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from gpt_simple.config import Config, ConfigError, ModelConfig, diff
+
+COMMITTED = "COMMITTED"
+META = "meta.json"
+KINDS = {"periodic": "", "shutdown": "-shutdown", "final": "-final"}
+NAME_RE = re.compile(r"^step-(\d+)(-shutdown|-final)?$")
+CORRUPT_PREFIX = "corrupt-"
+
+
+class CheckpointError(RuntimeError):
+    """A save that failed, or a checkpoint that cannot be used."""
+
+
+# DCP reports failures as CheckpointException, which derives from BaseException (not Exception): every place that
+# must survive a failed read or write catches both.
+DCP_ERRORS = (Exception, CheckpointException)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a log, an event or a status: for DCP's CheckpointException (whose str is a traceback per rank),
+    each failing rank's own exception."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {describe_error(exc)}" for rank, (exc, _) in sorted(error.failures.items()))
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+class ArchitectureMismatch(ConfigError):
+    """The checkpoint's model architecture differs from the config's: refused, never a reason to fall back."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def checkpoint_name(step: int, kind: str) -> str:
+    return f"step-{step}{KINDS[kind]}"
+
+
+def list_committed(root: Path) -> list[CheckpointInfo]:
+    """Committed checkpoints, oldest first (by step; at equal steps periodic < shutdown < final)."""
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            m = NAME_RE.match(path.name)
+            if m and (path / COMMITTED).exists():
+                kind = {"": "periodic", "-shutdown": "shutdown", "-final": "final"}[m.group(2) or ""]
+                found.append(CheckpointInfo(path, int(m.group(1)), kind))
+    order = {"periodic": 0, "shutdown": 1, "final": 2}
+    return sorted(found, key=lambda c: (c.step, order[c.kind]))
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {META} ({e})") from None
+
+
+def check_architecture(meta: dict, model_cfg: ModelConfig, where) -> None:
+    """Refuse a checkpoint whose architecture hash differs from `model_cfg`, naming the differing fields."""
+    now = Config(model=model_cfg)
+    if meta.get("arch_hash") == now.arch_hash():
+        return
+    fields = diff(meta.get("architecture") or {}, now.architecture())
+    named = ", ".join(f"model.{k} ({a!r} in checkpoint, {b!r} now)" for k, (a, b) in fields.items()) or \
+        f"arch hash {meta.get('arch_hash')!r} in checkpoint, {now.arch_hash()!r} now"
+    raise ArchitectureMismatch(f"{where}: architecture differs from the config: {named}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    def tensor(b64: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+    torch.set_rng_state(tensor(state["cpu"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(tensor(state["cuda"]), device)
+
+
+# -- safe reading of DCP checkpoints ------------------------------------------------------------------------
+_DCP_METADATA_TYPES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout name to torch.strided etc.
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes its .metadata with pickle; read it back allowing only DCP's own metadata types."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_METADATA_TYPES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not a DCP metadata "
+                                     f"type; refusing to unpickle it")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata read goes through the allow-list unpickler (tensors: weights_only)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata ({type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner reading non-tensor entries with torch.load(weights_only=True) (DCP's default is False)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load_model_state(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The full (unsharded) model weights of a checkpoint, in this process, without torch.distributed.
+
+    Reads only the tensors under `prefix` (the optimizer state is skipped) and returns them with the prefix
+    removed, as plain CPU tensors named like GPT.state_dict().
+    """
+    path = Path(path)
+    metadata = read_dcp_metadata(path)
+    state = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and hasattr(md, "size"):
+            state[key[len(prefix):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    if not state:
+        raise CheckpointError(f"{path}: no tensors under {prefix!r} in the checkpoint")
+    try:
+        with warnings.catch_warnings():  # DCP's warnings about a process-local load are not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({prefix.rstrip("."): state}, storage_reader=SafeFileSystemReader(path),
+                     planner=SafeLoadPlanner(), no_dist=True)
+    except DCP_ERRORS as e:  # DCP wraps read errors in its own exception types
+        raise CheckpointError(f"{path}: cannot read the model tensors ({describe_error(e)})") from None
+    return state
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """DCP's .metadata through the allow-list unpickler; any failure is a one-line CheckpointError. Reading it
+    before dcp.load also keeps DCP from its fallback to per-rank metadata, which logs tracebacks."""
+    try:
+        return SafeFileSystemReader(path).read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError, IndexError,
+            CheckpointError) as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({describe_error(e)})") from None
+
+
+def model_config_from_meta(meta: dict) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    arch = meta.get("architecture") or meta.get("config", {}).get("model", {})
+    return ModelConfig(**{k: v for k, v in arch.items() if k in names})
