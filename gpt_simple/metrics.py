@@ -53,7 +53,8 @@ def peak_flops(device: torch.device, configured: float) -> tuple[float, str]:
         if flops:
             return flops, f"{name} data sheet (bf16 dense)"
         return 0.0, f"unknown GPU {name!r}: set training.peak_flops for MFU"
-    return measure_matmul_flops(), "measured fp32 matmul rate of this CPU"
+    # 1024^3 products: within a few % of the 2048^3 rate, at a tenth of the start-up time (~0.2 s, not 2 s)
+    return measure_matmul_flops(size=1024), "measured fp32 matmul rate of this CPU"
 
 
 def _fmt_seconds(s: float) -> str:
