@@ -109,7 +109,7 @@ def _done(mgr) -> dict:
 def _staging_profile(mgr) -> tuple[float, float]:
     """(get_state_dict seconds, staging-copy seconds) measured on their own, buffers already allocated."""
     t0 = time.perf_counter()
-    state = mgr._app_state()
+    state = mgr._app_state(with_optimizer=True)
     t1 = time.perf_counter()
     staged = mgr.stager().stage(state)
     if hasattr(staged, "result"):

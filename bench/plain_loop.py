@@ -50,6 +50,36 @@ def lr_at(step: int, peak: float, floor: float, warmup: int, decay: int) -> floa
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def build(cfg):
+    """The model (same seed as train.py) and a plain foreach AdamW with train.py's decay / no-decay groups."""
+    o = cfg.optimizer
+    torch.manual_seed(cfg.training.seed)
+    model = GPT(cfg.model)
+    decays = lambda n, p: p.ndim >= 2 and not n.startswith(("tok_emb.", "pos_emb."))  # noqa: E731
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+    return model, opt
+
+
+def train_step(model, opt, x_all, y_all, lr: float, grad_clip: float) -> float:
+    """Forward/backward over the micro-batches (accumulated), clip, one AdamW step; returns the mean loss."""
+    accum, loss_sum = x_all.shape[0], 0.0
+    for i in range(accum):
+        _, loss = model(x_all[i], y_all[i])
+        (loss / accum).backward()
+        loss_sum += loss.item()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / accum
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench.toml"))
@@ -58,16 +88,13 @@ def main(argv: list[str]) -> int:
                         help="print {\"ready\": true}, then do one step per line read on stdin until EOF (lockstep)")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    m, o, t, d = cfg.model, cfg.optimizer, cfg.training, cfg.data
+    o, t, d = cfg.optimizer, cfg.training, cfg.data
 
-    torch.manual_seed(t.seed)
-    model = GPT(m)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith(("tok_emb.", "pos_emb."))]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith(("tok_emb.", "pos_emb.")))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+    model, opt = build(cfg)
     data_dir = Path(d.dir) if Path(d.dir).is_absolute() else ROOT / d.dir
+    if d.demo:  # as train.py does: a clean clone has no corpus yet (safe when train.py builds it beside us)
+        from gpt_simple.data.prepare import ensure_demo
+        ensure_demo(str(data_dir))
     tokens = load_tokens(data_dir)
     accum, micro, seq = t.global_batch_size // t.micro_batch_size, t.micro_batch_size, d.seq_len
     per_step = accum * micro * (seq + 1)
@@ -86,21 +113,11 @@ def main(argv: list[str]) -> int:
         rows = torch.from_numpy(tokens[cursor:cursor + per_step]).view(accum, micro, seq + 1)
         cursor += per_step
         x_all, y_all = rows[..., :-1].contiguous(), rows[..., 1:].contiguous()
-        loss_sum = 0.0
-        for i in range(accum):
-            _, loss = model(x_all[i], y_all[i])
-            (loss / accum).backward()
-            loss_sum += loss.item()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         lr = lr_at(step, o.lr, o.lr * o.min_lr_ratio, o.warmup_steps, decay_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, x_all, y_all, lr, o.grad_clip)
         seconds = time.perf_counter() - start
         print(json.dumps({"step": step, "seconds": seconds, "tokens_per_s": accum * micro * seq / seconds,
-                          "loss": loss_sum / accum, "threads": torch.get_num_threads()}), flush=True)
+                          "loss": loss, "threads": torch.get_num_threads()}), flush=True)
     return 0
 
 
