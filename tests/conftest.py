@@ -24,13 +24,6 @@ TINY = ["--config", str(ROOT / "configs" / "tiny.toml"),
         "--optimizer.warmup_steps", "2", "--optimizer.decay_steps", "20"]
 
 
-def pytest_collection_modifyitems(items):
-    """Longest first: the slow end-to-end tests (the orchestrator chains take minutes) start before the unit
-    tests, which then fill the xdist workers' idle time instead of one long test running alone at the end."""
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
-                                 "test_templates.py" not in item.nodeid))
-
-
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The embedded demo corpus, built once for all xdist workers (they share the base temp dir's parent)."""
