@@ -104,7 +104,7 @@ def check_architecture(meta: dict, model_cfg: ModelConfig, where) -> None:
     raise ArchitectureMismatch(f"{where}: architecture differs from the config: {named}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -112,7 +112,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durable(path: Path, text: str) -> None:
+def write_durable(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
         f.flush()

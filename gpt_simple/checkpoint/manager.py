@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 
 from gpt_simple.checkpoint.files import (COMMITTED, CORRUPT_PREFIX, DCP_ERRORS, META, NAME_RE, ArchitectureMismatch,
                                          CheckpointError, CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner,
-                                         _fsync_dir, _write_durable, check_architecture, checkpoint_name,
+                                         fsync_dir, write_durable, check_architecture, checkpoint_name,
                                          describe_error, list_committed, read_dcp_metadata, read_meta, rng_state,
                                          set_rng_state)
 from gpt_simple.config import ModelConfig
@@ -197,7 +197,7 @@ class CheckpointManager:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / "rng").mkdir(parents=True)
-                _write_durable(tmp / META, json.dumps({**meta, "step": step, "kind": kind, "saved_at": time.time(),
+                write_durable(tmp / META, json.dumps({**meta, "step": step, "kind": kind, "saved_at": time.time(),
                                                        "optimizer_state": with_optimizer}))
             except OSError as e:
                 error = e
@@ -205,7 +205,7 @@ class CheckpointManager:
             self._raise_failed(info, tmp, error)
         future = staged = None
         try:
-            _write_durable(tmp / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state(self.device)))
+            write_durable(tmp / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state(self.device)))
             state = self._app_state(with_optimizer)
             writer = _Writer(str(tmp))
             if asynchronous:
@@ -278,13 +278,13 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 size = sum(f.stat().st_size for f in p.tmp.rglob("*") if f.is_file())
-                _write_durable(p.tmp / COMMITTED, json.dumps({"committed_at": time.time()}))
-                _fsync_dir(p.tmp)
+                write_durable(p.tmp / COMMITTED, json.dumps({"committed_at": time.time()}))
+                fsync_dir(p.tmp)
                 if p.info.path.exists():  # same name saved again (after resuming an older checkpoint)
                     replaced = self._trash_name(p.info.name)
                     os.replace(p.info.path, replaced)
                 os.replace(p.tmp, p.info.path)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except OSError as e:
                 error = e
         if self._agree_failed(error):
