@@ -133,9 +133,19 @@ def machine() -> dict:
             "loadavg_at_start": os.getloadavg()}
 
 
+def exit_cleanly_on_termination() -> None:
+    """SIGTERM / SIGHUP end a benchmark through SystemExit, so that its `finally` blocks kill the runs it
+    started: by default they would outlive it, some frozen mid-step by the lockstep harness."""
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
+
+
 def main_for(run, description: str, argv: list[str] | None = None) -> int:
     """The `python bench/X.py [--quick] [--json PATH]` entry shared by every benchmark."""
     import argparse
+    exit_cleanly_on_termination()
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="fewer repetitions: about a third of the time")
     p.add_argument("--json", help="also write the rows to this file")
@@ -268,13 +278,21 @@ class TrainRun:
             self._close_log()
 
     def kill(self) -> None:
-        """Hard stop of the whole session (used after the measured part; the output dir is scratch)."""
+        """Hard stop of the whole job (used after the measured part; the output dir is scratch). torchrun starts
+        its workers in sessions of their own, so they are killed by pid, not through the agent's group."""
         if self.proc is not None and self.proc.poll() is None:
+            workers = self.worker_pids() if self.nproc > 1 else []
             try:
                 os.killpg(self.proc.pid, signal.SIGCONT)
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            for pid in workers:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import check_target, format_table, machine, row, write_json  # noqa: E402
+from bench.common import (check_target, exit_cleanly_on_termination, format_table, machine, row,  # noqa: E402
+                          write_json)
 
 BENCHMARKS = ("throughput", "checkpoint", "shutdown", "resume", "gpu")
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p.add_argument("--json", help="also write the rows and the machine description to this file")
     a = p.parse_args(argv)
+    exit_cleanly_on_termination()
     names = a.only.split(",") if a.only else list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
