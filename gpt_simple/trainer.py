@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from gpt_simple import shutdown
-from gpt_simple.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, NAME_RE, COMMITTED
+from gpt_simple.checkpoint import (CheckpointError, CheckpointInfo, CheckpointManager, list_committed,
+                                   resume_candidates)
 from gpt_simple.config import Config, ConfigError, diff, to_toml, validate_world
 from gpt_simple.data import BucketExhausted, DataError, ShardError, build_stream, fingerprint
 from gpt_simple.metrics import MetricsLogger, peak_flops, truncate_jsonl
@@ -115,8 +116,7 @@ class Trainer:
             truncate_jsonl(self.audit, self.step)
 
     def _clear_for_scratch(self) -> None:
-        existing = [p for p in (self.out / "checkpoints").glob("step-*") if (p / COMMITTED).exists()] \
-            if (self.out / "checkpoints").is_dir() else []
+        existing = list_committed(self.out / "checkpoints")
         if existing and not self.force:
             raise ConfigError(f"training.resume = 'scratch' but {self.out} has {len(existing)} checkpoint(s); "
                               f"pass --force to delete the run, or use resume = 'auto'")
@@ -127,21 +127,8 @@ class Trainer:
             elif path.exists():
                 path.unlink()
 
-    def _resume_candidates(self) -> list[CheckpointInfo]:
-        policy = self.cfg.training.resume
-        if policy == "scratch":
-            return []
-        if policy == "auto":
-            return self.ckpt.committed()
-        path = Path(policy)
-        m = NAME_RE.match(path.name)
-        if not (m and (path / COMMITTED).exists()):
-            raise ConfigError(f"training.resume: {policy!r} is not a committed checkpoint directory")
-        kind = {"": "periodic", "-shutdown": "shutdown", "-final": "final"}[m.group(2) or ""]
-        return [CheckpointInfo(path, int(m.group(1)), kind)]
-
     def resume(self) -> None:
-        candidates = self._resume_candidates()
+        candidates = resume_candidates(self.cfg.training.resume, self.ckpt.root)
         if not candidates:
             self.log("starting a fresh run")
             return
@@ -165,10 +152,7 @@ class Trainer:
         self.run_state.update(last_checkpoint=info.name)
 
     def _check_compatible(self, meta: dict, info: CheckpointInfo) -> None:
-        if meta["arch_hash"] != self.cfg.arch_hash():
-            fields = diff(meta["architecture"], self.cfg.architecture())
-            named = ", ".join(f"model.{k} ({a!r} in checkpoint, {b!r} now)" for k, (a, b) in fields.items())
-            raise ConfigError(f"{info.path}: architecture differs from the config: {named}")
+        """The data must be the same (the architecture was checked by CheckpointManager.load, before any read)."""
         saved, now = meta["data_fingerprint"], fingerprint(self.stream)
         if saved != now or meta["config"]["data"]["seed"] != self.cfg.data.seed:
             raise DataError(f"{info.path}: the data changed since this checkpoint (buckets [docs, tokens] then "

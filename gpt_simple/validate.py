@@ -49,20 +49,12 @@ def _pct(w: Fraction) -> str:
 
 def _resume_state(cfg: Config, stream, rep: Report) -> tuple[dict, str | None]:
     """The data cursor the run would resume from (the trainer's rule), or the initial one."""
-    from gpt_simple.checkpoint import CheckpointError, NAME_RE, list_committed, read_meta
+    from gpt_simple.checkpoint import CheckpointError, read_meta, resume_candidates
     from gpt_simple.data import fingerprint
-    policy, out = cfg.training.resume, Path(cfg.training.output_dir)
-    if policy == "scratch":
+    found = resume_candidates(cfg.training.resume, Path(cfg.training.output_dir) / "checkpoints")
+    if not found:
         return stream.initial_state(), None
-    if policy == "auto":
-        found = list_committed(out / "checkpoints")
-        if not found:
-            return stream.initial_state(), None
-        path = found[-1].path
-    else:
-        path = Path(policy)
-        if not NAME_RE.match(path.name) or not (path / "COMMITTED").exists():
-            raise ConfigError(f"training.resume: {policy!r} is not a committed checkpoint directory")
+    path = found[-1].path
     try:
         meta = read_meta(path)
     except CheckpointError as e:

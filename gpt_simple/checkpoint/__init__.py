@@ -2,11 +2,12 @@
 retains and loads them (manager). See docs/checkpointing.md."""
 from gpt_simple.checkpoint.files import (COMMITTED, CORRUPT_PREFIX, DCP_ERRORS, META, NAME_RE, ArchitectureMismatch,
                                          CheckpointError, CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner,
-                                         check_architecture, describe_error, list_committed, load_model_state,
-                                         model_config_from_meta, read_dcp_metadata, read_meta)
+                                         check_architecture, committed_info, describe_error, list_committed, load_model_state,
+                                         model_config_from_meta, read_dcp_metadata, read_meta,
+                                         resume_candidates)
 from gpt_simple.checkpoint.manager import SAVE_DELAY_ENV, STAGE_DELAY_ENV, CheckpointManager, tied_aliases
 
 __all__ = ["COMMITTED", "CORRUPT_PREFIX", "DCP_ERRORS", "META", "NAME_RE", "SAVE_DELAY_ENV", "STAGE_DELAY_ENV",
            "ArchitectureMismatch", "CheckpointError", "CheckpointInfo", "CheckpointManager", "SafeFileSystemReader",
-           "SafeLoadPlanner", "check_architecture", "describe_error", "list_committed", "load_model_state",
-           "model_config_from_meta", "read_dcp_metadata", "read_meta", "tied_aliases"]
+           "SafeLoadPlanner", "check_architecture", "committed_info", "describe_error", "list_committed", "load_model_state",
+           "model_config_from_meta", "read_dcp_metadata", "read_meta", "resume_candidates", "tied_aliases"]

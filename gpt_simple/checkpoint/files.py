@@ -73,17 +73,34 @@ def checkpoint_name(step: int, kind: str) -> str:
     return f"step-{step}{KINDS[kind]}"
 
 
+def committed_info(path: Path) -> CheckpointInfo | None:
+    """The checkpoint at `path`, or None unless it is a committed step-N[-shutdown|-final] directory."""
+    path = Path(path)
+    m = NAME_RE.match(path.name)
+    if not (m and (path / COMMITTED).exists()):
+        return None
+    kind = {"": "periodic", "-shutdown": "shutdown", "-final": "final"}[m.group(2) or ""]
+    return CheckpointInfo(path, int(m.group(1)), kind)
+
+
 def list_committed(root: Path) -> list[CheckpointInfo]:
     """Committed checkpoints, oldest first (by step; at equal steps periodic < shutdown < final)."""
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            m = NAME_RE.match(path.name)
-            if m and (path / COMMITTED).exists():
-                kind = {"": "periodic", "-shutdown": "shutdown", "-final": "final"}[m.group(2) or ""]
-                found.append(CheckpointInfo(path, int(m.group(1)), kind))
+    found = [info for info in map(committed_info, root.iterdir()) if info] if root.is_dir() else []
     order = {"periodic": 0, "shutdown": 1, "final": 2}
     return sorted(found, key=lambda c: (c.step, order[c.kind]))
+
+
+def resume_candidates(policy: str, root: Path) -> list[CheckpointInfo]:
+    """The checkpoints training.resume allows, oldest first: none ('scratch'), every committed one under `root`
+    ('auto'), or the one it names (a path)."""
+    if policy == "scratch":
+        return []
+    if policy == "auto":
+        return list_committed(root)
+    info = committed_info(Path(policy))
+    if info is None:
+        raise ConfigError(f"training.resume: {policy!r} is not a committed checkpoint directory")
+    return [info]
 
 
 def read_meta(path: Path) -> dict:
