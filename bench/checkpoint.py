@@ -1,7 +1,8 @@
 """Checkpoint benchmark: how long the training loop blocks for an async save, against a synchronous save.
 
 GPT-2 124M (configs/gpt2.toml) + AdamW state (initialised by one real training step), FSDP2 on one process,
-saved through gpt_simple.checkpoint.CheckpointManager exactly as the trainer saves:
+saved through gpt_simple.checkpoint.CheckpointManager with the trainer's model part
+(gpt_simple.state.ModelOptimizer) and its step counter:
 
   * baseline: a synchronous save (what shutdown / final saves do): DCP write of every shard + commit;
   * ours: an async periodic save, with the loop around it doing real training steps of the same model
@@ -10,10 +11,10 @@ saved through gpt_simple.checkpoint.CheckpointManager exactly as the trainer sav
     the copy overlaps the next forward/backward, and the optimizer step waits for it (before_update); the
     write runs in DCP's background thread; the commit (marker + rename) happens in the loop.
 
-Blocking is the time the loop cannot run, as the trainer records it (CheckpointManager's blocking_s: save()
+Blocking is the time the loop cannot run, as the trainer records it (the commit record's blocking_s: save()
 until it returns + the optimizer step's wait for staging + the commit). The background copy and write compete
-with the loop for cores, memory bandwidth and the GIL, a cost blocking alone would hide: the last row compares
-the loop's steps/s while a save is in flight with its steps/s with none (measured interleaved).
+with the loop for cores, memory bandwidth and the GIL, a cost blocking alone would hide: two rows compare the
+loop's steps/s while a save is in flight with its steps/s with none (measured interleaved).
 
 The last row runs the real train.py on configs/tiny.toml with one async save halfway: its step time after the
 save against before it (a save must leave nothing behind that slows the steps after it).
@@ -21,34 +22,36 @@ save against before it (a save must leave nothing behind that slows the steps af
     python bench/checkpoint.py            # 5 sync + 5 async saves after a warm-up async save
     python bench/checkpoint.py --quick    # 1 + 1
     python bench/checkpoint.py --dir /fast/disk   # where to write (default: a temp dir, removed afterwards)
-
-`run(quick)` returns the table rows as dicts for bench/run.py.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TARGET_BLOCKING_RATIO = 0.10
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.cli import SMOKE_MODEL, Mode, main_for  # noqa: E402
+from bench.launch import ROOT, TrainRun, scratch_dir  # noqa: E402
+from bench.models import load  # noqa: E402
+from bench.stats import median, spread  # noqa: E402
+from bench.table import row  # noqa: E402
+
 STEP_TOKENS = 32  # tokens per bench training step: short, so that a save spans several steps
 
 
-def _build(device_choice: str):
+def _build(mode: Mode, device_choice: str):
     import torch
 
-    from gpt_simple.config import load_config
     from gpt_simple.model import GPT
     from gpt_simple.optim import build_optimizer
     from gpt_simple.parallel import init_distributed, parallelize
 
-    cfg = load_config(ROOT / "configs" / "gpt2.toml",
-                      ["--training.compile", "false", "--training.device", device_choice])
+    config, shrink = ((ROOT / "configs" / "tiny.toml", SMOKE_MODEL) if mode.smoke
+                      else (ROOT / "configs" / "gpt2.toml", []))
+    cfg = load(config, [*shrink, "--training.compile", "false", "--training.device", device_choice])
     d = init_distributed(device_choice)
     torch.manual_seed(0)
     model = parallelize(GPT(cfg.model), cfg.training, d.device)
@@ -82,34 +85,33 @@ def _async_save(mgr, n: int, step) -> dict:
     """One periodic save as the loop sees it: save() returns, the loop trains (its optimizer step waiting for
     the staging copy) until the write is done, then commits at the start of the next step."""
     start = time.perf_counter()
-    mgr.save(n, {"bench": True}, "periodic", asynchronous=True)
+    mgr.save(n, "periodic", asynchronous=True)
     steps = 0
     while True:
         step()
         steps += 1
-        if not mgr.pending_vote():
+        if not mgr.save_in_flight():
             break
     busy = time.perf_counter() - start
-    mgr.maybe_commit(False)
-    return {**_done(mgr), "step_rate": steps / busy, "steps": steps, "busy_s": busy}
+    record = mgr.maybe_commit(False)
+    return {**_done(mgr, record), "step_rate": steps / busy, "steps": steps, "busy_s": busy}
 
 
-def _sync_save(mgr, step: int) -> dict:
-    mgr.save(step, {"bench": True}, "periodic", asynchronous=False)
-    return _done(mgr)
+def _sync_save(mgr, n: int) -> dict:
+    return _done(mgr, mgr.save(n, "periodic", asynchronous=False))
 
 
-def _done(mgr) -> dict:
+def _done(mgr, record: dict) -> dict:
     """Delete the checkpoint now, outside the timed part (in training, retention deletes it in a background
     thread long before the next save; here it would compete with the next measurement)."""
     shutil.rmtree(mgr.last_committed.path)
-    return mgr.history[-1]
+    return record
 
 
 def _staging_profile(mgr) -> tuple[float, float]:
     """(get_state_dict seconds, staging-copy seconds) measured on their own, buffers already allocated."""
     t0 = time.perf_counter()
-    state = mgr._app_state(with_optimizer=True)
+    state = mgr.parts["model"].state_dict()
     t1 = time.perf_counter()
     staged = mgr.stager().stage(state)
     if hasattr(staged, "result"):
@@ -117,114 +119,97 @@ def _staging_profile(mgr) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def run(quick: bool = False, directory: str | None = None, device: str = "auto", verbose: bool = False) -> list[dict]:
+def run(mode: Mode = Mode(), directory: str | None = None, device: str = "auto", verbose: bool = False) -> list[dict]:
+    import torch
+
     from gpt_simple.checkpoint import CheckpointManager
     from gpt_simple.parallel import shutdown_distributed
+    from gpt_simple.runtime import setup_logging
+    from gpt_simple.state import ModelOptimizer, TrainState
 
-    reps = 1 if quick else 5
+    if verbose:
+        setup_logging(0)  # each save's commit line
+    reps = mode.pick(5, 1, 1)
     out = Path(tempfile.mkdtemp(prefix="gpt-simple-bench-ckpt-", dir=directory))
-    log = print if verbose else (lambda *_: None)
     try:
-        cfg, d, model, optimizer = _build(device)
+        cfg, d, model, optimizer = _build(mode, device)
         n_params = sum(p.numel() for p in model.parameters())
-        mgr = CheckpointManager(out, model, optimizer, d.device, d.rank, keep_last_k=0, log=log)
-        import torch
+        train_state = TrainState()
+        parts = {"model": ModelOptimizer(model, optimizer, cfg.model), "train": train_state}
+        mgr = CheckpointManager(out, parts, d.device, d.rank, keep_last_k=0)
         x = torch.randint(0, cfg.model.vocab_size, (1, STEP_TOKENS), device=d.device)
-        train = lambda: _train_step(model, optimizer, mgr, x)  # noqa: E731
-        n = 0
-        first = _async_save(mgr, n := n + 1, train)  # allocates the staging buffers once
+
+        def train() -> None:
+            _train_step(model, optimizer, mgr, x)
+            train_state.step += 1
+
+        first = _async_save(mgr, 1, train)  # allocates the staging buffers once
         sync, asyn, idle = [], [], []
         for _ in range(reps):  # interleaved, so drift in disk speed and machine load hits all alike
-            sync.append(_sync_save(mgr, n := n + 1))
+            sync.append(_sync_save(mgr, train_state.step))
             idle.append(_idle_rate(train, 3))
-            asyn.append(_async_save(mgr, n := n + 1, train))
+            asyn.append(_async_save(mgr, train_state.step, train))
             # the training time this save cost: its in-flight period minus what its steps take undisturbed
             asyn[-1]["lost_s"] = asyn[-1]["busy_s"] - asyn[-1]["steps"] / idle[-1]
         state_s, stage_s = _staging_profile(mgr)
         size = asyn[-1]["bytes"] or 0
-        mgr.close()
     finally:
         shutdown_distributed()
         shutil.rmtree(out, ignore_errors=True)
 
-    sync_total = statistics.median(r["total_s"] for r in sync)
-    blocking = statistics.median(r["blocking_s"] for r in asyn)
-    total = statistics.median(r["total_s"] for r in asyn)
-    during, undisturbed = statistics.median(r["step_rate"] for r in asyn), statistics.median(idle)
+    sync_total = median([r["total_s"] for r in sync])
+    blocking = median([r["blocking_s"] for r in asyn])
+    during, undisturbed = median([r["step_rate"] for r in asyn]), median(idle)
     where = f"{d.device.type}, {n_params / 1e6:.0f}M params + AdamW, {size / 2**30:.2f} GiB"
-    spread = lambda xs: f"{min(xs):.3f}..{max(xs):.3f} over {len(xs)}"
+    vs_sync = "baseline: a synchronous save of the same state (DCP write + commit), median"
     return [
-        _row(f"checkpoint: loop blocking per async save, s ({where})", blocking, sync_total,
-             TARGET_BLOCKING_RATIO, f"async blocking {spread([r['blocking_s'] for r in asyn])}; sync total "
-             f"{spread([r['total_s'] for r in sync])}"),
-        _row("checkpoint: first async save of a launch, blocking (its copy allocates the buffers), s",
-             first["blocking_s"], sync_total),
-        _row("checkpoint: async save total (staging + background write + commit), s", total, sync_total),
-        _row("checkpoint: profile: get_state_dict (in the loop), s", state_s, sync_total),
-        _row("checkpoint: profile: staging copy into reused buffers (overlaps forward/backward), s", stage_s,
-             sync_total),
-        _row(f"checkpoint: loop speed while a save is in flight, steps/s (baseline: none in flight; "
-             f"{STEP_TOKENS}-token steps)", during, undisturbed),
-        _row("checkpoint: training time lost per async save (in-flight time - its steps' undisturbed time), s",
-             statistics.median(r["lost_s"] for r in asyn), sync_total,
-             note=f"{spread([r['lost_s'] for r in asyn])}; a synchronous save loses its whole duration"),
-        _after_first_save(quick),
+        row(f"checkpoint: loop blocking per async save ({where})", blocking, sync_total, blocking / sync_total,
+            "≤ 0.10", unit="s", note=f"async blocking {spread([r['blocking_s'] for r in asyn], 's')}; sync total "
+                                     f"{spread([r['total_s'] for r in sync], 's')}"),
+        row("checkpoint: first async save of a launch, blocking (its copy allocates the buffers)",
+            first["blocking_s"], sync_total, first["blocking_s"] / sync_total, "report", unit="s", note=vs_sync),
+        row("checkpoint: async save total (staging + background write + commit)",
+            median([r["total_s"] for r in asyn]), sync_total, median([r["total_s"] for r in asyn]) / sync_total,
+            "report", unit="s"),
+        row("checkpoint: profile: get_state_dict (in the loop)", state_s, sync_total, state_s / sync_total,
+            "report", unit="s"),
+        row("checkpoint: profile: staging copy into reused buffers (overlaps forward/backward)", stage_s,
+            sync_total, stage_s / sync_total, "report", unit="s"),
+        row(f"checkpoint: loop speed while a save is in flight ({STEP_TOKENS}-token steps; baseline: none in "
+            f"flight)", during, undisturbed, during / undisturbed, "report", unit="steps/s"),
+        row("checkpoint: training time lost per async save (in-flight time - its steps' undisturbed time)",
+            median([r["lost_s"] for r in asyn]), sync_total, median([r["lost_s"] for r in asyn]) / sync_total,
+            "report", unit="s",
+            note=f"{spread([r['lost_s'] for r in asyn], 's')}; a synchronous save loses its whole duration"),
+        _after_first_save(mode),
     ]
 
 
-def _after_first_save(quick: bool) -> dict:
+def _after_first_save(mode: Mode) -> dict:
     """train.py on configs/tiny.toml (0.1 s steps, where per-op overhead shows): the step time of the logged
     windows after its one async save has committed, against the windows before it. A save used to leave a
     helper thread with an OpenMP team of its own, after which every step was 30-40 % slower on 2 cores (see
-    gpt_simple.parallel.one_thread_here)."""
-    from bench.common import TrainRun, scratch_dir
-    steps, save_at, log = (120, 60, 10) if quick else (240, 120, 10)
+    gpt_simple.runtime.one_thread_here)."""
+    steps, save_at, log = mode.pick((240, 120, 10), (120, 60, 10), (16, 8, 2))
     run = TrainRun(scratch_dir("after-save") / "run", [
-        "--training.max_steps", str(steps), "--training.save_steps", str(save_at), "--training.log_steps", str(log),
-        "--optimizer.warmup_steps", "5", "--training.peak_flops", "1e12"], config=ROOT / "configs" / "tiny.toml",
-        name="train.py (tiny)").start()
-    if run.wait_exit(timeout=900) != 0:
-        raise RuntimeError(f"train.py (tiny) failed:\n{run.log_tail()}")
+        *mode.overrides(), "--training.max_steps", str(steps), "--training.save_steps", str(save_at),
+        "--training.log_steps", str(log), "--optimizer.warmup_steps", "5", "--training.peak_flops", "1e12"],
+        config=ROOT / "configs" / "tiny.toml", threads=mode.threads(), name="train.py (tiny)").start().finish()
     tokens = run.metrics()[0]["tokens"] / log  # tokens per step
     step_s = {r["step"]: tokens / r["tokens_per_s"] for r in run.metrics()}
     # skip the first window (start-up) and the two around the save in flight
     before = [s for k, s in step_s.items() if 2 * log <= k <= save_at]
     after = [s for k, s in step_s.items() if save_at + 2 * log < k]
-    return _row("checkpoint: step time after a checkpoint / before it (train.py, configs/tiny.toml), s",
-                statistics.median(after), statistics.median(before), 1.05,
-                f"median of {len(after)} and {len(before)} logged windows of {log} steps")
+    return row("checkpoint: step time after a checkpoint / before it (train.py, configs/tiny.toml)",
+               median(after), median(before), median(after) / median(before), "≤ 1.05", unit="s",
+               note=f"median of {len(after)} and {len(before)} logged windows of {log} steps")
 
 
-def _row(metric: str, ours: float, baseline: float, target: float | None = None, note: str = "") -> dict:
-    ratio = ours / baseline if baseline else float("nan")
-    return {"metric": metric, "ours": ours, "baseline": baseline, "ratio": ratio,
-            "target": None if target is None else f"<= {target:.2f}",
-            "ok": None if target is None else ratio <= target, "note": note}
-
-
-def format_table(rows: list[dict]) -> str:
-    width = max(len(r["metric"]) for r in rows)
-    lines = [f"{'metric':<{width}}  {'ours':>9}  {'baseline':>9}  {'ratio':>7}  target",
-             f"{'':-<{width}}  {'':->9}  {'':->9}  {'':->7}  ------"]
-    for r in rows:
-        target = "-" if r["target"] is None else f"{r['target']} " + ("ok" if r["ok"] else "MISSED")
-        lines.append(f"{r['metric']:<{width}}  {r['ours']:>9.3f}  {r['baseline']:>9.3f}  {r['ratio']:>7.3f}  {target}")
-    notes = [f"  {r['metric'].split(',')[0]}: {r['note']}" for r in rows if r.get("note")]
-    return "\n".join(lines + (["notes:"] + notes if notes else []))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one save of each kind instead of five")
-    parser.add_argument("--dir", help="folder to write the checkpoints in (default: system temp dir)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--verbose", action="store_true", help="print each save's commit line")
-    args = parser.parse_args(argv)
-    rows = run(args.quick, args.dir, args.device, args.verbose)
-    print("baseline = a synchronous save of the same state (DCP write + commit), median of the runs")
-    print(format_table(rows))
-    return 0 if rows[0]["ok"] else 1
+def options(p) -> None:
+    p.add_argument("--dir", dest="directory", help="folder to write the checkpoints in (default: system temp dir)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--verbose", action="store_true", help="print each save's commit line")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_for(run, __doc__.splitlines()[0], options=options))

@@ -6,10 +6,10 @@ the same warm-up + cosine learning rate, gradient clipping, gradient accumulatio
 and batches of the same shape read from the same demo shards (contiguous windows, loaded synchronously).
 
     python bench/plain_loop.py --config configs/bench.toml --steps 10 [--section.field value ...]
-    python bench/plain_loop.py --gate ...   (bench/throughput.py: one step per line on stdin)
 
-prints one JSON line per step ({"step", "seconds", "tokens_per_s", "loss"}) on stdout; bench/throughput.py
-reads them. Everything train.py adds on top of this loop is overhead that the throughput ratio measures.
+prints one JSON line per step ({"step", "seconds", "tokens_per_s", "loss"}) on stdout. bench/throughput.py
+runs PlainLoop in its own process, a step at a time, alternating with the trainer's steps. Everything the
+trainer adds on top of this loop is overhead that the throughput ratio measures.
 """
 from __future__ import annotations
 
@@ -80,44 +80,49 @@ def train_step(model, opt, x_all, y_all, lr: float, grad_clip: float) -> float:
     return loss_sum / accum
 
 
+class PlainLoop:
+    """The loop's state: model, optimizer, the token array and its cursor. step() takes one optimizer step on
+    the next contiguous window of tokens (wrapping around) and returns its figures."""
+
+    def __init__(self, cfg):
+        o, t, d = cfg.optimizer, cfg.training, cfg.data
+        self.cfg = cfg
+        self.model, self.opt = build(cfg)
+        data_dir = Path(d.dir) if Path(d.dir).is_absolute() else ROOT / d.dir
+        if d.demo:  # as train.py does: a clean clone has no corpus yet (safe when train.py builds it beside us)
+            from gpt_simple.data.prepare import ensure_demo
+            ensure_demo(str(data_dir))
+        self.tokens = load_tokens(data_dir)
+        self.accum, self.micro, self.seq = t.global_batch_size // t.micro_batch_size, t.micro_batch_size, d.seq_len
+        self.decay_steps = o.decay_steps or max(1, t.max_steps - o.warmup_steps)
+        self.cursor, self.step_count = 0, 0
+
+    def step(self) -> dict:
+        o = self.cfg.optimizer
+        self.step_count += 1
+        start = time.perf_counter()
+        per_step = self.accum * self.micro * (self.seq + 1)
+        if self.cursor + per_step > len(self.tokens):
+            self.cursor = 0
+        rows = torch.from_numpy(self.tokens[self.cursor:self.cursor + per_step]).view(self.accum, self.micro,
+                                                                                      self.seq + 1)
+        self.cursor += per_step
+        x_all, y_all = rows[..., :-1].contiguous(), rows[..., 1:].contiguous()
+        lr = lr_at(self.step_count, o.lr, o.lr * o.min_lr_ratio, o.warmup_steps, self.decay_steps)
+        loss = train_step(self.model, self.opt, x_all, y_all, lr, o.grad_clip)
+        seconds = time.perf_counter() - start
+        return {"step": self.step_count, "seconds": seconds, "loss": loss, "threads": torch.get_num_threads(),
+                "tokens_per_s": self.accum * self.micro * self.seq / seconds}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench.toml"))
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--gate", action="store_true",
-                        help="print {\"ready\": true}, then do one step per line read on stdin until EOF (lockstep)")
     args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-    o, t, d = cfg.optimizer, cfg.training, cfg.data
-
-    model, opt = build(cfg)
-    data_dir = Path(d.dir) if Path(d.dir).is_absolute() else ROOT / d.dir
-    if d.demo:  # as train.py does: a clean clone has no corpus yet (safe when train.py builds it beside us)
-        from gpt_simple.data.prepare import ensure_demo
-        ensure_demo(str(data_dir))
-    tokens = load_tokens(data_dir)
-    accum, micro, seq = t.global_batch_size // t.micro_batch_size, t.micro_batch_size, d.seq_len
-    per_step = accum * micro * (seq + 1)
-    decay_steps = o.decay_steps or max(1, t.max_steps - o.warmup_steps)
-    cursor = 0
-    if args.gate:
-        print(json.dumps({"ready": True}), flush=True)
-    step = 0
-    while args.gate or step < args.steps:
-        if args.gate and not sys.stdin.readline():
-            break
-        step += 1
-        start = time.perf_counter()
-        if cursor + per_step > len(tokens):
-            cursor = 0
-        rows = torch.from_numpy(tokens[cursor:cursor + per_step]).view(accum, micro, seq + 1)
-        cursor += per_step
-        x_all, y_all = rows[..., :-1].contiguous(), rows[..., 1:].contiguous()
-        lr = lr_at(step, o.lr, o.lr * o.min_lr_ratio, o.warmup_steps, decay_steps)
-        loss = train_step(model, opt, x_all, y_all, lr, o.grad_clip)
-        seconds = time.perf_counter() - start
-        print(json.dumps({"step": step, "seconds": seconds, "tokens_per_s": accum * micro * seq / seconds,
-                          "loss": loss, "threads": torch.get_num_threads()}), flush=True)
+    loop = PlainLoop(load_config(args.config, overrides))
+    for _ in range(args.steps):
+        print(json.dumps(loop.step()), flush=True)
     return 0
 
 

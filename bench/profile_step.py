@@ -4,7 +4,7 @@
 
 Both run in this one process, one after the other, on configs/bench.toml with the same batches and threads:
 
-  ours    Trainer.train_step (FSDP2 at world size 1, exactly as train.py builds it: Trainer.setup)
+  ours    Trainer.train_step (FSDP2 at world size 1; the Trainer built as train.py builds it)
   plain   bench/plain_loop.train_step (the same GPT, no FSDP, foreach AdamW)
 
 Prints each one's wall time per step, its total self CPU time, and the ops with the largest self CPU time in
@@ -14,6 +14,7 @@ which ops the difference is made of (the matmuls should cost the same in both).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -25,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import plain_loop  # noqa: E402
-from bench.common import BENCH_CONFIG  # noqa: E402
-from gpt_simple.config import load_config  # noqa: E402
+from bench.launch import BENCH_CONFIG  # noqa: E402
+from bench.models import load, trainer_in_process  # noqa: E402
 
 
 def profiled(step, steps: int) -> tuple[float, dict[str, tuple[float, int]]]:
@@ -48,32 +49,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top", type=int, default=14)
     args, overrides = parser.parse_known_args(argv)
     out = tempfile.mkdtemp(prefix="gpt-simple-bench-profile-")
-    cfg = load_config(args.config, [*overrides, "--training.output_dir", out, "--training.tensorboard", "false",
-                                    "--data.prefetch", "0"])
-
-    from gpt_simple.trainer import Trainer
-    trainer = Trainer(cfg)
-    trainer.setup()
-    batches = [trainer.stream.next_batch() for _ in range(args.steps + 1)]
-
-    def ours():
-        trainer.train_step(batches[trainer.step % len(batches)])
-        trainer.step += 1
-
+    cfg = load(args.config, [*overrides, "--training.output_dir", out, "--training.tensorboard", "false",
+                             "--data.prefetch", "0"])
     model, opt = plain_loop.build(cfg)
-
-    def plain():
-        batch = batches[0]
-        plain_loop.train_step(model, opt, batch.inputs, batch.targets, cfg.optimizer.lr, cfg.optimizer.grad_clip)
-
     try:
-        results = {"ours": profiled(ours, args.steps), "plain": profiled(plain, args.steps)}
+        with trainer_in_process(cfg) as trainer:
+            batches = [trainer.stream.next_batch() for _ in range(args.steps + 1)]
+
+            def ours():
+                trainer.train_step(batches[trainer.train.step % len(batches)])
+                trainer.train.step += 1
+
+            def plain():
+                batch = batches[0]
+                plain_loop.train_step(model, opt, batch.inputs, batch.targets, cfg.optimizer.lr,
+                                      cfg.optimizer.grad_clip)
+
+            results = {"ours": profiled(ours, args.steps), "plain": profiled(plain, args.steps)}
     finally:
-        trainer.close()
+        shutil.rmtree(out, ignore_errors=True)
     (ours_wall, ours_ops), (plain_wall, plain_ops) = results["ours"], results["plain"]
     total = {name: sum(s for s, _ in ops.values()) for name, (_, ops) in results.items()}
     print(f"{torch.get_num_threads()} threads, {args.steps} profiled steps each, torch {torch.__version__}")
-    print(f"wall per step: ours {ours_wall:.3f} s, plain {plain_wall:.3f} s (plain / ours {plain_wall / ours_wall:.3f})")
+    print(f"wall per step: ours {ours_wall:.3f} s, plain {plain_wall:.3f} s "
+          f"(plain / ours {plain_wall / ours_wall:.3f})")
     print(f"self CPU time: ours {total['ours']:.3f} s, plain {total['plain']:.3f} s "
           f"(+{100 * (total['ours'] / total['plain'] - 1):.1f} %)\n")
     top = sorted(set(ours_ops) | set(plain_ops),

@@ -10,7 +10,7 @@
                    the loop does before every step) timed between training steps of the same 2-rank run, with
                    the ranks lined up by a barrier first; against that run's step time.
 
-    python bench/shutdown.py [--quick] [--json FILE]
+    python bench/shutdown.py [--quick | --smoke] [--json FILE]
 """
 from __future__ import annotations
 
@@ -23,19 +23,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (BENCH_CONFIG, PY, ROOT, TrainRun, bench_env, main_for, median, row,  # noqa: E402
-                          scratch_dir, spread, step_tokens)
+from bench.cli import Mode, main_for  # noqa: E402
+from bench.launch import BENCH_CONFIG, PY, ROOT, TrainRun, bench_env, scratch_dir  # noqa: E402
+from bench.models import load, step_tokens, trainer_in_process  # noqa: E402
+from bench.stats import median, spread  # noqa: E402
+from bench.table import row  # noqa: E402
 
 CHECKS_PER_ROUND = 50
 
 
-def graceful_stop(root: Path, offset: float, warmup: int = 2) -> dict:
+def graceful_stop(root: Path, mode: Mode, offset: float, warmup: int = 2) -> dict:
     """One launch, SIGTERM `offset` (fraction of a step) after step `warmup` is logged; the stop as seen from
     outside, and the run's own step time and shutdown-save time."""
     run = TrainRun(root / f"stop-{offset:g}", ["--training.max_steps", "1000", "--training.log_steps", "1",
-                                              "--training.save_steps", "0"], name="train.py (stop)").start()
+                                              "--training.save_steps", "0", *mode.overrides()],
+                   threads=mode.threads(), name="train.py (stop)").start()
     try:
-        tokens, _ = step_tokens()
+        tokens, _ = step_tokens(mode.overrides())
         rec = run.wait_step(warmup)
         time.sleep(offset * tokens / rec["tokens_per_s"])
         sent = time.time()
@@ -54,11 +58,11 @@ def graceful_stop(root: Path, offset: float, warmup: int = 2) -> dict:
     return {"stop_s": exited - sent, "step_s": step_s, "save_s": saves[-1]["total_s"], "offset": offset}
 
 
-def agreement(root: Path, rounds: int, warmup: int = 2) -> dict:
+def agreement(root: Path, mode: Mode, rounds: int, warmup: int = 2) -> dict:
     """torchrun 2 ranks of this file's --agreement-worker; rank 0's figures."""
     result = root / "agreement.json"
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(Path(__file__).resolve()),
-           "--agreement-worker", str(result), "--rounds", str(rounds), "--warmup", str(warmup)]
+           "--agreement-worker", str(result), "--rounds", str(rounds), "--warmup", str(warmup), *mode.overrides()]
     log = root / "agreement.log"
     with open(log, "wb") as f:
         code = subprocess.run(cmd, cwd=ROOT, env=bench_env(1), stdout=f, stderr=subprocess.STDOUT,
@@ -68,19 +72,15 @@ def agreement(root: Path, rounds: int, warmup: int = 2) -> dict:
     return json.loads(result.read_text())
 
 
-def agreement_worker(result: str, rounds: int, warmup: int) -> int:
+def agreement_worker(result: str, rounds: int, warmup: int, overrides: list[str]) -> int:
     """Runs on every rank: a real Trainer on configs/bench.toml; per round, CHECKS_PER_ROUND stop checks (after
-    a barrier, so a rank's wait for a slower one is not counted) and one training step."""
+    a barrier, so a rank's wait for a slower one is not counted) and one training step as the loop takes it."""
     import torch.distributed as dist
-    from gpt_simple.config import load_config
-    from gpt_simple.trainer import Trainer
     out = Path(result).parent / "agreement-run"
-    cfg = load_config(BENCH_CONFIG, ["--training.output_dir", str(out), "--training.save_steps", "0",
-                                     "--training.max_steps", str(rounds + warmup + 1)])
-    trainer = Trainer(cfg)
+    cfg = load(BENCH_CONFIG, ["--training.output_dir", str(out), "--training.save_steps", "0",
+                              "--training.max_steps", str(rounds + warmup + 1), *overrides])
     checks, steps = [], []
-    try:
-        trainer.setup()
+    with trainer_in_process(cfg) as trainer:
         for r in range(warmup + rounds):
             dist.barrier()
             start = time.perf_counter()
@@ -91,26 +91,21 @@ def agreement_worker(result: str, rounds: int, warmup: int) -> int:
             dist.barrier()
             start = time.perf_counter()
             batch = trainer.stream.next_batch()
-            trainer.train_step(batch)
-            trainer.step += 1
-            trainer.stream.commit(batch)
-            trainer.step_seconds = time.perf_counter() - start
+            trainer.record(batch, *trainer.train_step(batch))
             if r >= warmup:
                 checks.append(check_s)
-                steps.append(trainer.step_seconds)
+                steps.append(time.perf_counter() - start)
         if trainer.dist.is_main:
             Path(result).write_text(json.dumps({"check_s": checks, "step_s": steps,
                                                 "world_size": trainer.dist.world_size}))
-    finally:
-        trainer.close()
     return 0
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(mode: Mode = Mode()) -> list[dict]:
     root = scratch_dir("shutdown")
-    offsets = [0.5] if quick else [0.2, 0.8]  # early and late in a step
-    stops = [graceful_stop(root, o) for o in offsets]
-    agree = agreement(root, rounds=3 if quick else 5)
+    offsets = mode.pick([0.2, 0.8], [0.5], [0.5])  # early and late in a step
+    stops = [graceful_stop(root, mode, o) for o in offsets]
+    agree = agreement(root, mode, rounds=mode.pick(5, 3, 1), warmup=mode.pick(2, 2, 1))
     ratios = [s["stop_s"] / (s["step_s"] + s["save_s"]) for s in stops]
     worst = max(stops, key=lambda s: s["stop_s"] / (s["step_s"] + s["save_s"]))
     per_step = [c / s for c, s in zip(agree["check_s"], agree["step_s"])]
@@ -134,8 +129,8 @@ def main(argv: list[str]) -> int:
         p.add_argument("--agreement-worker", dest="result", required=True)
         p.add_argument("--rounds", type=int, default=5)
         p.add_argument("--warmup", type=int, default=2)
-        a = p.parse_args(argv)
-        return agreement_worker(a.result, a.rounds, a.warmup)
+        a, overrides = p.parse_known_args(argv)
+        return agreement_worker(a.result, a.rounds, a.warmup, overrides)
     return main_for(run, __doc__.splitlines()[0], argv)
 
 

@@ -1,17 +1,24 @@
-"""Training throughput of the real train.py against a plain PyTorch loop, CPU MFU, and 2-rank FSDP2 on gloo.
+"""Training throughput of the trainer against a plain PyTorch loop, and CPU model-FLOP utilisation, measured
+in one process, step by step in turns.
 
-    python bench/throughput.py [--quick] [--json PATH]
+    python bench/throughput.py [--quick | --smoke] [--json PATH]
 
-Four participants run in lockstep, one optimizer step each per round, while the others are frozen, so that
-every figure of a round sees the same machine (this one is shared, and its speed swings by up to 10x):
+Three participants take turns in this one process, with the same OpenMP threads, so that every round sees the
+same machine (a shared one: its speed moves by up to 10x from one minute to the next):
 
-  ours      python train.py --config configs/bench.toml            (1 process, both cores: OMP_NUM_THREADS=2)
-  plain     python bench/plain_loop.py --gate                      (same model code, batch, data; no framework)
-  fsdp2     torchrun --nproc_per_node 2 train.py ...               (2 ranks x 1 thread, gloo)
-  matmul    a 2048^3 fp32 torch.mm in this process, same threads   (the CPU's achievable FLOP/s)
+  ours    gpt_simple.trainer.Trainer on configs/bench.toml, built as `train.py` builds it, running its own
+          run_loop unchanged: stop agreement, data stream (prefetch thread), train_step, metrics line, heartbeat.
+          A gate at the step boundary (it wraps Trainer.stop_check, the first thing of every step) times each
+          step from boundary to boundary and hands the process to the others in between.
+  plain   bench/plain_loop.PlainLoop.step: the same GPT, batch and data, no FSDP, no framework
+  matmul  fp32 torch.mm products (512^3, 1024^3, 2048^3 and the model's MLP product), the fastest of 3 each:
+          the CPU's achievable FLOP/s, the MFU ceiling (bench/ceiling.py says why not one large product)
 
-train.py's figure is its own per-step tokens_per_s from output_dir/metrics.jsonl (log_steps = 1), minus the
-time the harness held it frozen inside the step (see common.FrozenTrain); the first steps are warm-up.
+A round is one step of each, in an order that rotates from round to round; the first steps are warm-up. The
+throughput ratio is the median over rounds of plain step time / our step time, with its spread. The MFU ceiling
+is the fastest of all the rounds' matmuls: a ceiling measured on a busy moment would be too low, and a model
+rate above the ceiling would mean the ceiling is wrong; the row says so if that happens and never prints a
+utilisation above 1.
 """
 from __future__ import annotations
 
@@ -21,109 +28,118 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (FrozenTrain, GatedPlain, TrainRun, main_for, median, row,  # noqa: E402
-                          scratch_dir, spread, step_tokens)
-from gpt_simple.metrics import measure_matmul_flops  # noqa: E402
+from bench import ceiling  # noqa: E402
+from bench.cli import Mode, main_for  # noqa: E402
+from bench.launch import read_jsonl, scratch_dir  # noqa: E402
+from bench.models import load, step_tokens, trainer_in_process  # noqa: E402
+from bench.plain_loop import PlainLoop  # noqa: E402
+from bench.stats import fmt, median, spread  # noqa: E402
+from bench.table import row  # noqa: E402
+
+DONE = "benchmark done"
 
 
-def warm_up(runs: list[FrozenTrain], steps: int, timeout: float = 900) -> None:
-    """Let the train.py runs start together; freeze each as soon as it has logged `steps` steps."""
-    deadline = time.time() + timeout
-    while not all([r.ready(steps) for r in runs]):
-        if time.time() > deadline:
-            raise TimeoutError(f"warm-up of {steps} steps took over {timeout}s")
-        time.sleep(0.005)
+class StepGate:
+    """Stands in for trainer.stop_check. At each step boundary: record the time of the step just finished, run
+    `between(k)` (k = our steps done so far), restart the trainer's metrics window (so that its logged figures
+    cover its own step only), then run the real stop check. Returns DONE after `steps` steps."""
+
+    def __init__(self, trainer, between, steps: int):
+        self.trainer, self.between, self.steps = trainer, between, steps
+        self.check = trainer.stop_check
+        trainer.stop_check = self
+        self.samples: list[float] = []
+        self.mark: float | None = None
+
+    def __call__(self) -> str | None:
+        now = time.perf_counter()
+        if self.mark is not None:
+            self.samples.append(now - self.mark)
+        if len(self.samples) >= self.steps:
+            return DONE
+        self.between(len(self.samples))
+        self.trainer.meter.reset_window()
+        self.mark = time.perf_counter()
+        return self.check()
 
 
-def measure(quick: bool = False, rounds: int | None = None, warmup: int | None = None, fsdp2: bool = True,
-            overrides: list[str] = ()) -> dict:
-    rounds = rounds or (4 if quick else 8)
-    warmup = warmup or (2 if quick else 3)
+def measure(mode: Mode) -> dict:
+    rounds, warmup = mode.pick(8, 4, 2), mode.pick(3, 2, 1)
+    squares = mode.pick(ceiling.SQUARES, ceiling.SQUARES, (128, 256))
+    overrides = mode.overrides()
     tokens, fpt = step_tokens(overrides)
-    root = scratch_dir("throughput")
-    max_steps = ["--training.max_steps", str(warmup + rounds + 5), "--training.log_steps", "1",
-                 "--training.save_steps", "0", *overrides]
-    ours = TrainRun(root / "ours", max_steps, nproc=1, name="train.py").start()
-    two = TrainRun(root / "fsdp2", max_steps, nproc=2, name="torchrun x2").start() if fsdp2 else None
-    plain = GatedPlain(overrides)
-    parts = {}
-    try:
-        plain.ready()
-        parts["ours"] = FrozenTrain(ours, tokens)
-        if two is not None:
-            parts["fsdp2"] = FrozenTrain(two, tokens)
-        warm_up([p for p in parts.values()], warmup)
-        plain.warm_up(warmup)
-        parts["plain"] = plain
-        mm: list[float] = []
-        order = list(parts) + ["matmul"]
-        per_round = []
-        for r in range(rounds):
-            rotated = order[r % len(order):] + order[:r % len(order)]
-            got = {}
-            for name in rotated:
-                if name == "matmul":
-                    got[name] = measure_matmul_flops()  # the ceiling train.py's MFU uses
-                    mm.append(got[name])
-                else:
-                    got[name] = parts[name].advance()
-            per_round.append(got)
-    finally:
-        for p in parts.values():
-            if isinstance(p, FrozenTrain):
-                p.release()
-        ours.kill()
-        if two is not None:
-            two.kill()
-        plain.close()
-    return {"tokens_per_step": tokens, "flops_per_token": fpt, "rounds": per_round, "matmul": mm,
-            "ours_records": parts["ours"].records,
-            "fsdp2_records": parts["fsdp2"].records if "fsdp2" in parts else [], "dir": str(root)}
+    out = scratch_dir("throughput") / "run"
+    cfg = load(overrides=["--training.output_dir", str(out), "--training.max_steps", str(warmup + rounds + 2),
+                          "--training.log_steps", "1", "--training.save_steps", "0", *overrides])
+    plain = PlainLoop(cfg)
+    plain_s, mm, best_shape = [], [], []
+
+    def between(k: int) -> None:
+        if k < warmup:  # our warm-up step comes next: warm the others up too
+            plain.step()
+            return
+        r = k - warmup
+        for name in (("plain", "matmul") if r % 2 == 0 else ("matmul", "plain")):
+            if name == "plain":
+                plain_s.append(plain.step()["seconds"])
+            else:
+                rate, shape = ceiling.sample(cfg, squares)
+                mm.append(rate)
+                best_shape.append(shape)
+
+    import torch
+    with trainer_in_process(cfg) as trainer:
+        gate = StepGate(trainer, between, warmup + rounds)
+        outcome = trainer.run_loop()
+        if outcome != DONE:
+            raise RuntimeError(f"the trainer stopped early: {outcome}")
+    ours_s = gate.samples[warmup:]
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) > warmup]
+    return {"tokens": tokens, "fpt": fpt, "ours_s": ours_s, "plain_s": plain_s, "matmul": mm,
+            "records": records, "threads": torch.get_num_threads(),
+            "best_shape": best_shape}
 
 
 def rows_from(res: dict) -> list[dict]:
-    tok, fpt, rounds = res["tokens_per_step"], res["flops_per_token"], res["rounds"]
-    ours_tps = [tok / r["ours"] for r in rounds]
-    plain_tps = [tok / r["plain"] for r in rounds]
-    paired = [r["plain"] / r["ours"] for r in rounds]
-    mfu = [tok / r["ours"] * fpt / r["matmul"] for r in rounds]
-    plain_mfu = [tok / r["plain"] * fpt / r["matmul"] for r in rounds]
-    reported_mfu = [rec.get("mfu") for rec in res["ours_records"] if rec.get("mfu") is not None]
+    tok, fpt, ours_s, plain_s = res["tokens"], res["fpt"], res["ours_s"], res["plain_s"]
+    ours_tps, plain_tps = [tok / s for s in ours_s], [tok / s for s in plain_s]
+    paired = [p / o for p, o in zip(plain_s, ours_s)]
+    top = max(res["matmul"])
+    ours_rate, plain_rate = median(ours_tps) * fpt, median(plain_tps) * fpt
+    fastest = max(max(ours_tps), max(plain_tps)) * fpt
+    shape = res["best_shape"][res["matmul"].index(top)]
+    ceiling_note = (f"ceiling = the fastest of {len(res['matmul'])} interleaved fp32 matmul samples "
+                    f"({spread([m / 1e9 for m in res['matmul']], 'GFLOP/s')}; fastest product {shape}), "
+                    f"{res['threads']} thread(s), as the model")
+    if fastest > top:
+        ceiling_note += (f"; a model round ran at {fastest / 1e9:.1f} GFLOP/s, above it: the ceiling is "
+                         f"under-measured, utilisation capped at 1")
     out = [
-        row("training throughput, 1 process", median(ours_tps), median(plain_tps), median(paired), "≥ 0.95",
-            unit="tok/s",
-            note=f"train.py vs bench/plain_loop.py, {len(rounds)} lockstep rounds; ratio = median of per-round "
-                 f"ratios ({spread(paired)}); train.py {spread(ours_tps)} tok/s"),
-        row("CPU model-FLOP utilisation", median(ours_tps) * fpt / 1e9, median(res["matmul"]) / 1e9, median(mfu),
+        row("training throughput, 1 process (trainer vs plain loop, same process, alternating)",
+            median(ours_tps), median(plain_tps), median(paired), "≥ 0.95", unit="tok/s",
+            note=f"per-round plain step / our step, median of {len(paired)} rounds, spread {spread(paired)}; "
+                 f"ratio of the medians {median(plain_s) / median(ours_s):.3f}; our step "
+                 f"{spread(ours_s, 's')}, plain step {spread(plain_s, 's')}"),
+        row("CPU model-FLOP utilisation (trainer)", ours_rate / 1e9, top / 1e9, min(1.0, ours_rate / top),
             "≥ 0.70", unit="GFLOP/s",
-            note=f"{fpt / 1e6:.1f} MFLOP/token (model.flops_per_token) x train.py tok/s, over a 2048^3 fp32 "
-                 f"torch.mm with the same 2 threads measured in each round; plain loop reaches "
-                 f"{median(plain_mfu):.3f}; train.py's own logged mfu "
-                 f"{median(reported_mfu):.3f} (its ceiling is measured once at start-up, while the other "
-                 f"benchmark processes start)"),
-        row("CPU MFU of the plain loop (floor reference)", median(plain_tps) * fpt / 1e9,
-            median(res["matmul"]) / 1e9, median(plain_mfu), "report", unit="GFLOP/s"),
+            note=f"{fpt / 1e6:.1f} MFLOP/token (6N + attention) x median tok/s over the ceiling; {ceiling_note}; "
+                 f"model rate per round {spread([t * fpt / 1e9 for t in ours_tps], 'GFLOP/s')}"),
+        row("CPU model-FLOP utilisation (plain loop, for reference)", plain_rate / 1e9, top / 1e9,
+            min(1.0, plain_rate / top), "report", unit="GFLOP/s"),
     ]
-    # train.py's data_wait_frac is over its whole window, frozen time included: back to seconds, then over the
-    # corrected step time.
-    recs = [r for r in res["ours_records"] if r.get("data_wait_frac") is not None and r["seconds"] == r["seconds"]]
+    # the trainer's own figures for its steps (its window restarts at the gate): the time it waited for data
+    recs = [r for r in res["records"] if r.get("data_wait_frac") is not None and r.get("tokens_per_s")]
     wait = [r["data_wait_frac"] * tok / r["tokens_per_s"] for r in recs]
-    out.append(row("data stream: wait for the batch / step time", median(wait) * 1e3,
-                   median([r["seconds"] for r in recs]) * 1e3,
-                   median([w / r["seconds"] for w, r in zip(wait, recs)]), "≤ 1%", unit="ms",
-                   note="train.py's own data_wait_frac (time in stream.next_batch, prefetch depth 2)"))
-    if rounds and "fsdp2" in rounds[0]:
-        two_tps = [tok / r["fsdp2"] for r in rounds]
-        two_paired = [r["ours"] / r["fsdp2"] for r in rounds]
-        out.append(row("2-rank FSDP2 on CPU (torchrun, gloo)", median(two_tps), median(ours_tps), median(two_paired),
-                       "report", unit="tok/s",
-                       note=f"2 ranks x 1 thread vs 1 process x 2 threads, same global batch; "
-                            f"{spread(two_paired)}; see docs/performance.md for the gap"))
+    step = [tok / r["tokens_per_s"] for r in recs]
+    out.append(row("data stream: wait for the batch / step time", median(wait) * 1e3, median(step) * 1e3,
+                   median([w / s for w, s in zip(wait, step)]), "≤ 1%", unit="ms",
+                   note=f"the trainer's own data_wait_frac over its logged step windows ({len(recs)}), prefetch "
+                        f"thread 2 batches ahead; wait {spread([w * 1e3 for w in wait], 'ms')}"))
     return out
 
 
-def run(quick: bool = False) -> list[dict]:
-    return rows_from(measure(quick))
+def run(mode: Mode = Mode()) -> list[dict]:
+    return rows_from(measure(mode))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ def train_main(argv: list[str]) -> int:
     if args.dry_run:
         from gpt_simple.validate import validate_main
         return validate_main(cfg)
-    from gpt_simple.trainer import Trainer
-    return Trainer(cfg, force=args.force).run()
+    from gpt_simple.trainer import run
+    return run(cfg, force=args.force)
 
 
 def validate_cmd(argv: list[str]) -> int:
@@ -68,7 +68,7 @@ def export_cmd(argv: list[str]) -> int:
 
 
 def generate_cmd(argv: list[str]) -> int:
-    from gpt_simple.export import generate_main
+    from gpt_simple.generate import generate_main
     return generate_main(argv)
 
 

@@ -101,11 +101,20 @@ class TrainingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = doc(0, "Evaluate on the validation splits after every N steps (0 = only at the end, if at_end).")
+    tokens: int = doc(65536, "Validation tokens per bucket per evaluation (capped by what the split holds).")
+    at_end: bool = doc(False, "Also evaluate after the last step of the run.")
+    dir: str = doc("", "Folder of validation buckets prepared separately (same bucket names and tokenizer); empty = data.dir/BUCKET/val.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,12 +127,9 @@ class Config:
         return hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
 def _section_classes() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -244,15 +250,8 @@ def _parse_yaml(path: Path, text: str) -> dict:
     return raw
 
 
-def config_from_dict(raw: dict, origin: str = "config") -> Config:
-    cfg = Config()
-    _apply(cfg, raw, origin)
-    validate(cfg)
-    return cfg
-
-
 def _check_choices(cfg: Config) -> None:
-    for section in SECTIONS:
+    for section in _section_classes():
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
             choices = f.metadata.get("choices")
@@ -299,6 +298,8 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, f"optimizer.grad_clip: must be >= 0, got {o.grad_clip}")
 
     _require(t.max_steps > 0, f"training.max_steps: must be > 0, got {t.max_steps}")
+    _require(cfg.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {cfg.eval.every_steps}")
+    _require(cfg.eval.tokens > 0, f"eval.tokens: must be > 0, got {cfg.eval.tokens}")
     _require(o.warmup_steps < t.max_steps,
              f"optimizer.warmup_steps ({o.warmup_steps}) must be < training.max_steps ({t.max_steps})")
     _require(t.global_batch_size > 0, f"training.global_batch_size: must be > 0, got {t.global_batch_size}")
@@ -356,28 +357,15 @@ def diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
 
 
 def to_toml(cfg: Config) -> str:
-    """Write the resolved config as TOML (read back by load_config)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for name, value in values.items():
-            lines.append(f"{name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML (read back by load_config)."""
+    import tomli_w
+    return tomli_w.dumps(cfg.to_dict())
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(type(value))
+    """One value as TOML, for the reference table."""
+    import tomli_w
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
 
 
 def markdown_reference() -> str:

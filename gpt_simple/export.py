@@ -1,12 +1,11 @@
-"""`gpt-simple export` (consolidated safetensors + config, and a Hugging Face GPT-2 layout) and
-`gpt-simple generate` (sample text from a checkpoint).
+"""`gpt-simple export`: consolidated safetensors + config, and a Hugging Face GPT-2 layout.
 
-Both read a DCP checkpoint in one process without torch.distributed and without unpickling anything but
-DCP's allow-listed metadata (see gpt_simple.checkpoint.load_model_state).
+It reads a DCP checkpoint in one process without torch.distributed and without unpickling anything but DCP's
+allow-listed metadata (see gpt_simple.checkpoint.load_model_state); `gpt-simple generate` (generate.py) reads
+checkpoints the same way.
 
     gpt-simple export outputs/tiny/checkpoints/step-300-final exported/
     gpt-simple export outputs/tiny exported/            # a run directory: its newest committed checkpoint
-    gpt-simple generate --output_dir outputs/tiny --prompt "def " --max_new_tokens 200
 
 OUT/ receives:
     gpt_simple.safetensors   every weight under its gpt-simple name (a tied head is stored once, as tok_emb)
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gpt_simple.checkpoint import (COMMITTED, CheckpointError, list_committed, load_model_state,
+from gpt_simple.checkpoint import (COMMITTED, CheckpointError, list_committed, load_model_state, meta_tokenizer,
                                    model_config_from_meta, read_meta)
 from gpt_simple.config import ModelConfig
 
@@ -82,9 +81,10 @@ def tokenizer_spec(meta: dict, override: str | None = None) -> str:
     """The tokenizer the run trained with: recorded in meta, else read from the shards in data.dir."""
     if override:
         return override
-    if meta.get("tokenizer"):
-        return meta["tokenizer"]
-    data_dir = Path(meta.get("config", {}).get("data", {}).get("dir", ""))
+    if meta_tokenizer(meta):
+        return meta_tokenizer(meta)
+    config = (meta.get("run") or {}).get("config") or {}
+    data_dir = Path((config.get("data") or {}).get("dir", ""))
     if data_dir and data_dir.is_dir():
         from gpt_simple.data.shards import open_buckets
         try:
@@ -188,8 +188,8 @@ def export(checkpoint: str | Path, out: str | Path, hf: str = "auto", dtype: str
 def _write_export(out: Path, state, cfg: ModelConfig, meta: dict, ckpt: Path, spec, dtype: str, hf: str,
                   why_not_hf: list[str], save_file) -> dict:
     ours = {k: v.contiguous() for k, v in state.items() if not (cfg.tie_embeddings and k == "head.weight")}
-    info = {"step": meta.get("step"), "arch_hash": meta.get("arch_hash"), "source": str(ckpt.resolve()),
-            "tokenizer": spec, "dtype": dtype}
+    info = {"step": meta.get("step"), "arch_hash": (meta.get("model") or {}).get("arch_hash"),
+            "source": str(ckpt.resolve()), "tokenizer": spec, "dtype": dtype}
     save_file(ours, str(out / OURS_WEIGHTS), metadata={"format": "pt", "gpt_simple": json.dumps(info)})
     (out / OURS_CONFIG).write_text(json.dumps({"model": dataclasses.asdict(cfg), **info}, indent=1) + "\n")
     summary = {"checkpoint": str(ckpt), "out": str(out), "step": meta.get("step"), "tensors": len(ours),
@@ -248,81 +248,4 @@ def export_main(argv: list[str]) -> int:
               f"(transformers.GPT2LMHeadModel.from_pretrained({s['out']!r}))")
     elif s["hf_skipped"]:
         print(f"no Hugging Face layout: {'; '.join(s['hf_skipped'])}")
-    return 0
-
-
-# -- generate ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
-           generator: torch.Generator | None = None, stop: int | None = None) -> list[int]:
-    """Autoregressive sampling (temperature 0 = greedy), cropping the context to block_size."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    out = []
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.cfg.block_size:])[:, -1, :].float()
-        if temperature <= 0:
-            nxt = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator).to(device)
-        token = int(nxt)
-        if stop is not None and token == stop:
-            break
-        out.append(token)
-        idx = torch.cat([idx, nxt], dim=1)
-    return out
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ExportError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
-                 "mps": lambda: torch.backends.mps.is_available()}.get(device.type, lambda: False)
-    if not available() or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
-        raise ExportError(f"--device {name!r}: not available on this machine")
-    return device
-
-
-def generate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gpt-simple generate", description="Sample text from a checkpoint.")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output_dir", help="run directory: use its newest committed checkpoint")
-    where.add_argument("--checkpoint", help="a checkpoints/step-N directory")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=50, help="0 = no top-k filtering")
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--tokenizer", help="tokenizer spec, if the run's data.dir is not available here")
-    args = parser.parse_args(argv)
-    try:
-        device = _device(args.device)
-        state, cfg, meta, ckpt = load_checkpoint_model(args.output_dir or args.checkpoint)
-        from gpt_simple.data.tokenizer import get_tokenizer
-        try:
-            tok = get_tokenizer(tokenizer_spec(meta, args.tokenizer))
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-    except (ExportError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model = build_model(state, cfg, device)
-    prompt = [int(t) for t in tok.encode(args.prompt)] if args.prompt else [tok.eos]
-    if len(prompt) > cfg.block_size:
-        prompt = prompt[-cfg.block_size:]
-    print(f"# {ckpt} (step {meta.get('step')}), tokenizer {tok.id}, seed {args.seed}", file=sys.stderr)
-    generator = torch.Generator().manual_seed(args.seed)
-    for i in range(args.num_samples):
-        tokens = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator, stop=tok.eos)
-        if i:
-            print("\n" + "-" * 40)
-        print(args.prompt + tok.decode(tokens), flush=True)
     return 0

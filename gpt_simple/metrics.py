@@ -1,11 +1,14 @@
-"""Console progress, metrics.jsonl, TensorBoard scalars, tokens/s and MFU (rank 0 only)."""
+"""What a run reports: the throughput meter (tokens/s, MFU, data wait, when a heartbeat is due) and the sinks
+(console, metrics.jsonl, TensorBoard; rank 0 only)."""
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
+
+from gpt_simple.run_dir import RunDir, truncate_jsonl
+from gpt_simple.runtime import log
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 GPU_PEAK_FLOPS = {
@@ -62,19 +65,70 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class ThroughputMeter:
+    """Times the steps of one launch: the logging window (tokens/s, MFU, share of time waiting for data), the
+    last step's duration (the stop decision budgets for one more) and when the next heartbeat is due."""
+
+    HEARTBEAT_EVERY_S = 2.0
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float, world_size: int):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_total = peak_flops * world_size
+        self.step_seconds = 0.0
+        self._last_heartbeat = 0.0
+        self._step_start = 0.0
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self._window_start, self._window_tokens, self._data_wait = time.perf_counter(), 0, 0.0
+
+    def step_started(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def batch_ready(self) -> None:
+        self._data_wait += time.perf_counter() - self._step_start
+
+    def step_trained(self) -> None:
+        self._window_tokens += self.tokens_per_step
+
+    def step_ended(self) -> None:
+        self.step_seconds = time.perf_counter() - self._step_start
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training (an evaluation) does not count against the window's tokens/s."""
+        self._window_start += seconds
+
+    def window(self) -> dict:
+        """tokens/s, MFU and data-wait share since the last window; starts the next one."""
+        seconds = max(time.perf_counter() - self._window_start, 1e-9)
+        tokens_per_s = self._window_tokens / seconds
+        mfu = self.flops_per_token * tokens_per_s / self.peak_total if self.peak_total else None
+        figures = {"tokens_per_s": tokens_per_s, "mfu": mfu, "data_wait_frac": self._data_wait / seconds}
+        self.reset_window()
+        return figures
+
+    def heartbeat_due(self) -> bool:
+        now = time.time()
+        if now - self._last_heartbeat > self.HEARTBEAT_EVERY_S:
+            self._last_heartbeat = now
+            return True
+        return False
+
+
 class MetricsLogger:
     """Writes one record per logged step to every sink; resumed runs first trim records past the resume step."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, max_steps: int):
+    def __init__(self, run_dir: RunDir, enabled: bool, tensorboard: bool, max_steps: int):
         self.enabled, self.max_steps = enabled, max_steps
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.tb_dir = Path(output_dir) / "tensorboard"
+        self.path, self.tb_dir = run_dir.metrics, run_dir.tensorboard
         self.use_tb = tensorboard
         self.writer = None
         self.start = time.time()
+        self.first_step = 0
 
     def open(self, resume_step: int) -> None:
         """Drop lines after resume_step (steps the killed job logged but never checkpointed), then append."""
+        self.first_step = resume_step
         if not self.enabled:
             return
         truncate_jsonl(self.path, resume_step)
@@ -83,7 +137,7 @@ class MetricsLogger:
             # purge_step hides events of replayed steps from readers, as metrics.jsonl's truncation does.
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
 
-    def log(self, record: dict, steps_done_this_launch: int, first_step: int) -> None:
+    def log(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
@@ -95,12 +149,28 @@ class MetricsLogger:
             self.writer.flush()
         elapsed = time.time() - self.start
         step = record["step"]
-        done = step - first_step
+        done = step - self.first_step
         eta = elapsed / done * (self.max_steps - step) if done > 0 else 0.0
         mfu = f"{record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else "n/a"
-        print(f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-              f"{record['tokens_per_s']:,.0f} tok/s | mfu {mfu} | elapsed {_fmt_seconds(elapsed)} | "
-              f"eta {_fmt_seconds(eta)}", flush=True)
+        log.info(f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                 f"{record['tokens_per_s']:,.0f} tok/s | mfu {mfu} | elapsed {_fmt_seconds(elapsed)} | "
+                 f"eta {_fmt_seconds(eta)}")
+
+    def log_eval(self, record: dict, seconds: float) -> None:
+        """An evaluation record (type "eval", full precision) in metrics.jsonl, TensorBoard and the console."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", record["loss"], record["step"])
+            self.writer.add_scalar("eval/ppl", record["ppl"], record["step"])
+            for bucket, value in record["loss_by_bucket"].items():
+                self.writer.add_scalar(f"eval/loss_{bucket}", value, record["step"])
+            self.writer.flush()
+        buckets = " ".join(f"{b} {v:.4f}" for b, v in record["loss_by_bucket"].items())
+        log.info(f"eval step {record['step']} | val loss {record['loss']:.4f} | ppl {record['ppl']:.2f} | "
+                 f"{buckets} | {record['tokens']:,} tokens in {seconds:.1f}s")
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None:
@@ -110,19 +180,3 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only the records with step <= last_step (a resumed run rewrites later steps identically)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line)
-        except ValueError:
-            continue  # a line torn by a kill mid-write
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)

@@ -139,6 +139,34 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, stop: int | None = None) -> torch.Tensor:
+        """Continue each row of idx (B, T) by up to max_new_tokens sampled tokens; returns idx with them appended.
+
+        temperature 0 is greedy; top_k keeps the k likeliest tokens (None or 0: all). Tokens are drawn on the CPU
+        from `generator`, so a seed gives the same text on any device. Generation ends early once every row has
+        drawn `stop` (a row that drew it repeats it from then on). The context is cropped to block_size.
+        """
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :].float()
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k > 0:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator).to(idx.device)
+            if stop is not None:
+                nxt = nxt.masked_fill(done.unsqueeze(1), stop)
+                done |= nxt.squeeze(1) == stop
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop is not None and bool(done.all()):
+                break
+        return idx
+
 
 def count_params(model: nn.Module, cfg: ModelConfig, non_embedding: bool = False) -> int:
     """Unique parameters (tied weights once); non_embedding drops position/token tables as in the scaling laws."""

@@ -1,15 +1,15 @@
-"""Process group, device, and the parallelize function: FSDP2 per block + root, mixed precision, AC, compile."""
+"""Process group, device, and the parallelize function: FSDP2 per block + root, mixed precision, AC, compile,
+and the reshard policy of a step's micro-batches. The only module that knows FSDP."""
 from __future__ import annotations
 
 import datetime
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gpt_simple.config import TrainingConfig
 
@@ -84,7 +84,7 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     model.to(device)
     # On one rank resharding frees nothing (the shard is the whole tensor) and each re-gather is a copy of
-    # every weight: keep the blocks gathered through the step (the trainer reshards after the last backward).
+    # every weight: keep the blocks gathered through the step (prepare_micro_batch reshards after the last one).
     sharded = dist.is_initialized() and dist.get_world_size() > 1
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again at once by the root's backward: keep them gathered.
@@ -93,22 +93,18 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
     return model
 
 
-def all_reduce_max(values: list[float], device: torch.device, group=None) -> list[float]:
-    """One small all-reduce for several flags/figures at once (e.g. the per-step stop agreement)."""
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+def prepare_micro_batch(model: nn.Module, index: int, count: int) -> None:
+    """Before forward/backward of micro-batch `index` of `count`: gradients are reduced once, after the last
+    one; on one rank the blocks also stay gathered until then (see parallelize)."""
+    last = index == count - 1
+    model.set_requires_gradient_sync(last)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        model.set_reshard_after_backward(last)
 
 
-def one_thread_here() -> None:
-    """Run this helper thread's torch ops (data prefetch, checkpoint staging and writing) on one OpenMP thread.
-
-    A helper thread that runs a parallel op gets an OpenMP team of its own, which outlives the op. With more
-    OpenMP threads alive than cores, libgomp stops letting the training thread's team spin between parallel
-    regions, so every op after that pays a futex wake-up: on the 2-core CPU demo, every step after the first
-    checkpoint was 30-40 % slower. The main thread's own thread count is not changed (torch.set_num_threads sets
-    the OpenMP count of the calling thread only, plus the default for threads that have not run an op yet).
-    """
-    if threading.current_thread() is not threading.main_thread() and torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+def reshard_all(model: nn.Module) -> None:
+    """Free every gathered weight, as after a training step (a forward without backward, e.g. an evaluation,
+    leaves some gathered)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -7,15 +7,15 @@ step and save times) or, on the same host, whose pid is gone.
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import time
 from pathlib import Path
 
+from gpt_simple.run_dir import RunDir, append_jsonl, write_json_atomic
+
 RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED = "RUNNING", "STOPPED", "COMPLETED", "HALTED", "ERROR", "CRASHED"
 STATUSES = (RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED)
-STATE_FILE, EVENTS_FILE, HALTED_FILE = "run_state.json", "events.jsonl", "HALTED"
 MIN_STALE_S = 120.0
 SETUP_STALE_S = 900.0  # start-up (imports, model build, checkpoint load) writes few heartbeats
 
@@ -24,38 +24,13 @@ class StateFileError(ValueError):
     """run_state.json exists but cannot be read as a state."""
 
 
-def _clean(value):
-    """Strict JSON: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_clean(obj), f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, obj) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(_clean(obj), allow_nan=False) + "\n")
-
-
 class RunState:
     """Rank 0's view of the run's state; every change goes to disk at once."""
 
     def __init__(self, output_dir: Path, enabled: bool = True):
-        self.dir, self.enabled = Path(output_dir), enabled
-        self.path = self.dir / STATE_FILE
-        previous = read_state(self.dir) if enabled and self.path.exists() else None
+        self.run_dir, self.enabled = RunDir(output_dir), enabled
+        self.path = self.run_dir.state
+        previous = read_state(output_dir) if enabled and self.path.exists() else None
         now = time.time()
         self.state = {
             "status": RUNNING, "reason": "starting", "step": 0, "max_steps": None, "tokens": 0,
@@ -81,12 +56,12 @@ class RunState:
 
     def event(self, kind: str, **fields) -> None:
         if self.enabled:
-            append_jsonl(self.dir / EVENTS_FILE, {"time": time.time(), "event": kind, "launch": self.state["launches"],
+            append_jsonl(self.run_dir.events, {"time": time.time(), "event": kind, "launch": self.state["launches"],
                                                   **fields})
 
 
 def read_state(output_dir: Path) -> dict:
-    path = Path(output_dir) / STATE_FILE
+    path = RunDir(output_dir).state
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:

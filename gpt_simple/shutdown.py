@@ -1,4 +1,4 @@
-"""Graceful shutdown: the deadline, the signal flags, the stop file, and the per-step decision to stop.
+"""Graceful shutdown: the deadline, the signal flags, the stop file, and the per-step stop agreement.
 
 Import-light on purpose (no torch): train.py installs the handlers and starts the clock first thing in the
 process, so a relative budget counts from process start and a signal during set-up is not lost.
@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt_simple.run_dir import RunDir
+
 PROCESS_START = time.time()
-STOP_FILE = "STOP"
 GRACEFUL_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
@@ -86,40 +86,49 @@ def install() -> None:
 
 def request_stop(output_dir: str | Path) -> Path:
     """`gpt-simple stop OUTDIR`: ask a running job to save and exit at its next step."""
-    path = Path(output_dir) / STOP_FILE
+    path = RunDir(output_dir).stop
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"stop requested at {time.time():.0f} by pid {os.getpid()}\n")
     return path
 
 
-class StopPolicy:
-    """Decides, per step and identically on every rank, whether to stop now."""
+@dataclass
+class StopVotes:
+    """One rank's view at a step boundary; agreed over ranks (any rank's yes is everyone's) in one all-reduce
+    by gpt_simple.runtime.agree, so every rank stops, or commits a finished async save, at the same step."""
+    signal: bool = False
+    deadline: bool = False
+    stop_file: bool = False
+    save_in_flight: bool = False  # this rank's async checkpoint write is still running
 
-    REASONS = ("signal", "deadline", "stop_file")
-
-    def __init__(self, output_dir: Path, deadline: Deadline, reserve_seconds: float, flags: StopFlags = FLAGS):
-        self.output_dir, self.deadline, self.reserve, self.flags = Path(output_dir), deadline, reserve_seconds, flags
-
-    def local_votes(self, expected_step_seconds: float, now: float | None = None) -> list[float]:
-        """[signal, deadline, stop file] as 0/1 for this rank; the trainer all-reduces them with MAX."""
-        left = self.deadline.seconds_left(now)
-        near = left is not None and left <= self.reserve + expected_step_seconds
-        return [float(self.flags.requested), float(near), float((self.output_dir / STOP_FILE).exists())]
-
-    def reason(self, votes: list[float]) -> str | None:
-        for name, vote in zip(self.REASONS, votes):
-            if vote > 0:
-                if name == "signal" and self.flags.signal_name:
-                    return f"signal {self.flags.signal_name}"
-                return {"signal": "signal (another rank)", "deadline": f"deadline ({self.deadline.source})",
-                        "stop_file": "stop file"}[name]
+    def reason(self, flags: "StopFlags", deadline: Deadline) -> str | None:
+        if self.signal:
+            return f"signal {flags.signal_name}" if flags.signal_name else "signal (another rank)"
+        if self.deadline:
+            return f"deadline ({deadline.source})"
+        if self.stop_file:
+            return "stop file"
         return None
 
+
+class StopPolicy:
+    """This rank's votes for the per-step agreement, and why the agreed votes say to stop."""
+
+    def __init__(self, output_dir: Path, deadline: Deadline, reserve_seconds: float, flags: StopFlags = FLAGS):
+        self.stop_file = RunDir(output_dir).stop
+        self.deadline, self.reserve, self.flags = deadline, reserve_seconds, flags
+
+    def votes(self, expected_step_seconds: float, save_in_flight: bool = False,
+              now: float | None = None) -> StopVotes:
+        left = self.deadline.seconds_left(now)
+        near = left is not None and left <= self.reserve + expected_step_seconds
+        return StopVotes(self.flags.requested, near, self.stop_file.exists(), save_in_flight)
+
+    def reason(self, agreed: StopVotes) -> str | None:
+        return agreed.reason(self.flags, self.deadline)
+
     def clear_stop_file(self) -> None:
-        try:
-            (self.output_dir / STOP_FILE).unlink()
-        except FileNotFoundError:
-            pass
+        self.stop_file.unlink(missing_ok=True)
 
 
 def describe(deadline: Deadline) -> str:
@@ -127,7 +136,3 @@ def describe(deadline: Deadline) -> str:
         return "deadline: none"
     return f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(deadline.at))} " \
            f"({deadline.seconds_left():.0f}s left, from {deadline.source})"
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -5,6 +5,19 @@ Exit codes: 0 a state was read (whatever the status), 2 usage error, 3 no run in
 
 Given a folder that holds runs rather than being one (`status.py outputs/`), it lists the runs found up to two
 levels below, one line each: status word, step/max_steps, path.
+
+`--decision` is for orchestrators (slurm/resume_chain.sh, k8s/job.yaml and scripts/local_loop.sh decide from it
+alone): it prints one line, three fields separated by a TAB,
+
+    WORD<TAB>ACTION<TAB>reason
+
+and exits 0 whenever it printed that line (2 on a usage error). WORD is the status word, or NONE (no
+run_state.json in OUTDIR: no run yet) or UNREADABLE (a corrupt state file). ACTION is what to do next, one
+word from ACTIONS below (start, resume, done, halted, failed), and DECISIONS maps each WORD to it. reason is
+free text on one line (tabs and line breaks become spaces), never empty. A shell reads it with
+`IFS=$'\t' read -r STATUS ACTION REASON`; an orchestrator that finds no such line (python failed to start)
+should act as on `failed`. New outcomes are a new ACTIONS entry and DECISIONS row, plus a branch for them in each
+template's `case $ACTION`, where an action a template does not know falls to the `failed` branch.
 """
 from __future__ import annotations
 
@@ -15,9 +28,31 @@ import sys
 import time
 from pathlib import Path
 
-from gpt_simple.run_state import StateFileError, effective_status, read_state
+from gpt_simple.run_dir import is_run
+from gpt_simple.run_state import (COMPLETED, CRASHED, ERROR, HALTED, RUNNING, STOPPED, StateFileError,
+                                  effective_status, read_state)
 
 EXIT_OK, EXIT_USAGE, EXIT_NO_RUN, EXIT_CORRUPT = 0, 2, 3, 4
+
+# --decision: what an orchestrator does next. The only place the templates' decision lives (see the docstring).
+NONE, UNREADABLE = "NONE", "UNREADABLE"  # the words for "no run yet" and "corrupt state file"
+ACTIONS = {
+    "start": "no run yet: train; a new run starts",
+    "resume": "train again: the trainer resumes from the newest committed checkpoint",
+    "done": "the run is finished: stop, successfully",
+    "halted": "a data bucket ran dry: stop, a person decides (docs/orchestration.md)",
+    "failed": "retrying cannot help: stop, do not resubmit, read the logs",
+}
+DECISIONS = {
+    NONE: "start",
+    STOPPED: "resume",
+    RUNNING: "resume",  # a fresh heartbeat: another launch's, or one whose end is not yet detectable
+    COMPLETED: "done",
+    HALTED: "halted",
+    ERROR: "failed",
+    CRASHED: "failed",  # resumable, but a crash that repeats would loop: a person decides
+    UNREADABLE: "failed",
+}
 
 
 def _ago(seconds: float) -> str:
@@ -40,10 +75,25 @@ def summary(state: dict, status: str, why: str | None, now: float) -> str:
     return "\n".join(lines)
 
 
+def decision(output_dir: Path, now: float | None = None) -> tuple[str, str, str]:
+    """(WORD, ACTION, reason) for `--decision`: what an orchestrator does next with the run in output_dir."""
+    try:
+        state = read_state(Path(output_dir))
+    except FileNotFoundError:
+        word, why = NONE, f"{output_dir}: no run yet (no run_state.json)"
+    except StateFileError as e:
+        word, why = UNREADABLE, f"cannot read the run status: {e}"
+    else:
+        word, why = effective_status(state, time.time() if now is None else now)
+        why = why or state.get("reason")
+    reason = " ".join(str(why or "").split()) or "no reason recorded"  # one line, no tabs
+    return word, DECISIONS.get(word, "failed"), reason
+
+
 def runs_below(folder: Path, depth: int = 2) -> list[Path]:
     found = []
     for level in range(1, depth + 1):
-        found += [p.parent for p in folder.glob("/".join(["*"] * level) + "/run_state.json")]
+        found += [p for p in folder.glob("/".join(["*"] * level)) if is_run(p)]
     return sorted(found)
 
 
@@ -83,6 +133,8 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("dir", nargs="?", help="the run's output_dir")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="the run's output_dir")
     parser.add_argument("--json", action="store_true", help="print the full state as JSON")
+    parser.add_argument("--decision", action="store_true",
+                        help="print one line WORD<TAB>ACTION<TAB>reason for orchestrators (see above)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -91,7 +143,10 @@ def _status(argv: list[str]) -> int:
     if not out:
         print("error: give the run's output directory (status.py OUTDIR or --output_dir OUTDIR)", file=sys.stderr)
         return EXIT_USAGE
-    if Path(out).is_dir() and not (Path(out) / "run_state.json").exists():
+    if args.decision:
+        print("\t".join(decision(Path(out))))
+        return EXIT_OK
+    if Path(out).is_dir() and not is_run(out):
         return list_runs(Path(out), args.json)
     try:
         state = read_state(Path(out))

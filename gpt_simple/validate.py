@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 from gpt_simple.config import Config, ConfigError
 from gpt_simple.data.curriculum import DataError, Prediction, phase_sequences, predict
@@ -47,23 +46,23 @@ def _pct(w: Fraction) -> str:
     return f"{float(w) * 100:.1f}%"
 
 
-def _resume_state(cfg: Config, stream, rep: Report) -> tuple[dict, str | None]:
-    """The data cursor the run would resume from (the trainer's rule), or the initial one."""
+def _resume_state(cfg: Config, stream) -> tuple[dict, str | None]:
+    """The data cursor the run would resume from (the trainer's rule and the stream's own compatibility
+    check), or the initial one."""
     from gpt_simple.checkpoint import CheckpointError, read_meta, resume_candidates
-    from gpt_simple.data import fingerprint
-    found = resume_candidates(cfg.training.resume, Path(cfg.training.output_dir) / "checkpoints")
+    from gpt_simple.run_dir import RunDir
+    found = resume_candidates(cfg.training.resume, RunDir(cfg.training.output_dir).checkpoints)
     if not found:
         return stream.initial_state(), None
     path = found[-1].path
     try:
-        meta = read_meta(path)
-    except CheckpointError as e:
-        raise DataError(str(e)) from None
-    saved, now = meta.get("data_fingerprint"), fingerprint(stream)
-    if saved != now or meta["config"]["data"]["seed"] != cfg.data.seed:
-        raise DataError(f"{path}: the data changed since this checkpoint (buckets [docs, tokens] then {saved}, "
-                        f"now {now}); resuming would not continue the same data stream")
-    stream.load_state_dict(meta["data"])
+        saved = read_meta(path)["data"]
+    except (CheckpointError, KeyError) as e:
+        raise DataError(f"{path}: no data cursor in the checkpoint ({e})") from None
+    try:
+        stream.load_state_dict(saved)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     return stream.state_dict(), path.name
 
 
@@ -88,7 +87,7 @@ def check(cfg: Config) -> Report:
     for name, r in stream.readers.items():
         rep(f"  {name:<16}{r.bucket.n_docs:>12,}{r.total:>16,}{r.total // need:>12,}")
 
-    state, resumed = _resume_state(cfg, stream, rep)
+    state, resumed = _resume_state(cfg, stream)
     done_steps = state["step"]
     remaining_steps = max(0, t.max_steps - done_steps)
     total = remaining_steps * g

@@ -5,12 +5,13 @@
 #   GPT_SIMPLE_CONFIG=configs/tiny.toml GPT_SIMPLE_MAX_RUNTIME=600 scripts/local_loop.sh --training.max_steps 2000
 #
 # Every attempt runs the same command; the trainer resumes from the newest checkpoint by itself. What
-# happens next is decided from `status.py <output_dir>`, never from the exit code (a graceful stop and a
-# finished run both exit 0):
-#   COMPLETED          -> stop, exit 0
-#   HALTED             -> stop, exit 3 (a data bucket ran dry: a human must decide; see docs/orchestration.md)
-#   ERROR / CRASHED    -> stop, exit 1, with the status' reason
-#   STOPPED / RUNNING  -> run the next attempt (after GPT_SIMPLE_RETRY_DELAY seconds)
+# happens next is decided by `status.py <output_dir> --decision`, never from the exit code (a graceful stop
+# and a finished run both exit 0). Its action (status words in parentheses):
+#   done    (COMPLETED)                    -> stop, exit 0
+#   halted  (HALTED)                       -> stop, exit 3 (a data bucket ran dry: a human must decide)
+#   failed  (ERROR, CRASHED, unreadable)   -> stop, exit 1, with the status' reason
+#   resume  (STOPPED, RUNNING)             -> run the next attempt (after GPT_SIMPLE_RETRY_DELAY seconds)
+#   start   (no run yet)                   -> the first attempt; after an attempt: exit 1 (no state was written)
 # More than GPT_SIMPLE_MAX_ATTEMPTS attempts -> stop, exit 4 (the run is resumable: start the loop again).
 # SIGINT/SIGTERM/SIGUSR1 to this script: the trainer is asked to save and stop, and the loop ends with
 # exit 128+signal once it has (run the loop again to resume).
@@ -32,6 +33,11 @@ set -uo pipefail
 
 PYTHON=${PYTHON:-python}
 GPT_SIMPLE_HOME=${GPT_SIMPLE_HOME:-$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)}
+TEMPLATE_LIB=$GPT_SIMPLE_HOME/scripts/template_lib.sh  # read_status, run_trainer: shared with the other templates
+if [ ! -r "$TEMPLATE_LIB" ] || ! . "$TEMPLATE_LIB"; then
+  echo "[local_loop] cannot load $TEMPLATE_LIB (GPT_SIMPLE_HOME must be the gpt-simple repository); not training" >&2
+  exit 1
+fi
 CONFIG=${GPT_SIMPLE_CONFIG:-configs/tiny.toml}
 OUTDIR=${GPT_SIMPLE_OUTPUT_DIR:-outputs/local}
 MAX_ATTEMPTS=${GPT_SIMPLE_MAX_ATTEMPTS:-100}
@@ -46,91 +52,25 @@ log() {
   echo "$(date '+%Y-%m-%d %H:%M:%S') $*" >>"$OUTDIR/logs/loop.log"
 }
 
-status_word() {  # sets STATUS (NONE: no run yet; UNREADABLE: corrupt state) and STATUS_TEXT
-  local rc
-  STATUS_TEXT=$("$PYTHON" "$GPT_SIMPLE_HOME/status.py" "$OUTDIR" 2>&1)
-  rc=$?
-  case $rc in
-    0) STATUS=$(printf '%s\n' "$STATUS_TEXT" | head -n 1 | tr -d '[:space:]') ;;
-    3) STATUS=NONE ;;
-    *) STATUS=UNREADABLE ;;
-  esac
-}
-reason_line() {
-  local r
-  r=$(printf '%s\n' "$STATUS_TEXT" | grep -i -m 1 'reason' || true)
-  [ -n "$r" ] || r=$(printf '%s\n' "$STATUS_TEXT" | sed -n 2p)
-  printf '%s' "$r"
-}
-
 # Returns from the loop when the run needs no further attempt (prints why, sets EXIT).
 finished() {
-  case $STATUS in
-    COMPLETED) log "run COMPLETED"; EXIT=0 ;;
-    HALTED) log "run HALTED: a data bucket ran dry and a human must decide (see $OUTDIR/HALTED)."
+  case $ACTION in
+    start|resume) return 1 ;;
+    done) log "run $STATUS"; EXIT=0 ;;
+    halted) log "run HALTED: a data bucket ran dry and a human must decide (see $OUTDIR/HALTED)."
             log "to continue with the remaining buckets: rerun with --data.allow_bucket_exhaustion true"; EXIT=3 ;;
-    ERROR|CRASHED) log "run $STATUS: $(reason_line)"; log "not resuming; inspect $OUTDIR/logs"; EXIT=1 ;;
-    UNREADABLE) log "cannot read the run status: $(printf '%s' "$STATUS_TEXT" | tail -n 1)"; EXIT=1 ;;
-    *) return 1 ;;
+    *) log "run $STATUS: $REASON"; log "not resuming; inspect $OUTDIR/logs"; EXIT=1 ;;  # failed, or unknown
   esac
 }
 
 STOP_SIGNAL=""
 PENDING=""
-TRAINER_PID=""
 on_signal() {
   log "received SIG$1: asking the trainer to save and stop; the loop ends after this attempt"
   [ -n "$STOP_SIGNAL" ] || STOP_SIGNAL=$1
   PENDING="$PENDING $1"
 }
 for s in INT TERM USR1 USR2; do trap "on_signal $s" "$s"; done
-
-caught() {  # caught PID SIGNAME: has PID installed a handler for the signal?
-  local num mask
-  num=$(kill -l "$2" 2>/dev/null) || return 1
-  mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null)
-  [ -n "$mask" ] && (( (16#$mask >> (num - 1)) & 1 ))
-}
-ready_for() {  # the trainer (and torchrun's workers) handle the signal: forwarding it is safe
-  local c
-  caught "$TRAINER_PID" "$1" || return 1
-  for c in $(pgrep -P "$TRAINER_PID" 2>/dev/null); do caught "$c" "$1" || return 1; done
-}
-forward_pending() {
-  local s waited=$1
-  for s in $PENDING; do
-    if ready_for "$s" || [ "$waited" -ge 180 ]; then
-      # INT goes out as TERM: a Ctrl-C in a terminal also reaches the trainer itself, and a second
-      # SIGINT tells it to exit at once without saving.
-      if [ "$s" = INT ]; then kill -s TERM "$TRAINER_PID" 2>/dev/null; else kill -s "$s" "$TRAINER_PID" 2>/dev/null; fi
-      PENDING=${PENDING/ $s/}
-    fi
-  done
-}
-
-run_attempt() {  # run_attempt LOGFILE: one training process, signals forwarded; sets RC
-  local logfile=$1 tail_pid waited=0 r
-  "${cmd[@]}" >>"$logfile" 2>&1 &
-  TRAINER_PID=$!
-  tail -n +1 -F --pid="$TRAINER_PID" "$logfile" 2>/dev/null &
-  tail_pid=$!
-  RC=""
-  while kill -0 "$TRAINER_PID" 2>/dev/null; do
-    if [ -n "$PENDING" ]; then
-      forward_pending "$waited"
-      if [ -n "$PENDING" ]; then sleep 1; waited=$((waited + 1)); continue; fi
-    fi
-    wait "$TRAINER_PID"
-    RC=$?
-  done
-  if [ -z "$RC" ] || [ "$RC" -gt 128 ]; then
-    wait "$TRAINER_PID" 2>/dev/null
-    r=$?
-    [ "$r" = 127 ] || RC=$r
-  fi
-  wait "$tail_pid" 2>/dev/null
-  TRAINER_PID=""
-}
 
 train=("$GPT_SIMPLE_HOME/train.py" --config "$CONFIG" --training.output_dir "$OUTDIR" "${EXTRA_ARGS[@]}")
 if [ "$NPROC" -gt 1 ]; then
@@ -141,7 +81,7 @@ else
 fi
 
 EXIT=""
-status_word
+read_status
 if finished; then exit "$EXIT"; fi
 log "run status: $STATUS; config $CONFIG; output $OUTDIR; GPT_SIMPLE_MAX_RUNTIME=${GPT_SIMPLE_MAX_RUNTIME:-unset}"
 
@@ -159,11 +99,11 @@ while :; do
   n=$(( $(find "$OUTDIR/logs" -maxdepth 1 -name 'attempt-*.log' | wc -l) + 1 ))
   logfile=$(printf '%s/logs/attempt-%03d.log' "$OUTDIR" "$n")
   log "attempt $attempt/$MAX_ATTEMPTS: ${cmd[*]} (log $logfile)"
-  run_attempt "$logfile"
-  status_word
+  run_trainer "$logfile" "${cmd[@]}"
+  read_status
   log "attempt $attempt: trainer exit code $RC; run status $STATUS"
   if finished; then exit "$EXIT"; fi
-  if [ "$STATUS" = NONE ]; then
+  if [ "$ACTION" = start ]; then
     log "the trainer left no run state (exit code $RC); see $logfile"
     exit 1
   fi

@@ -21,12 +21,13 @@
 # Internal: GPT_SIMPLE_CHAIN_ATTEMPT (this job's place in the chain, 1 for the first job).
 #
 # What one job does:
-#   1. reads the run's status; a finished run (COMPLETED, HALTED, ERROR, CRASHED) ends the chain here;
+#   1. asks `status.py <output_dir> --decision` what to do: done (COMPLETED), halted (HALTED) or failed
+#      (ERROR, CRASHED, unreadable state) end the chain here; start or resume go on;
 #   2. queues its successor right away (--dependency=afterany:<this job>), so the chain survives this job
 #      being killed hard; the successor re-checks the status before it trains;
 #   3. trains in the background; USR1/USR2/TERM/INT reaching this shell are forwarded to the trainer;
 #      SLURM_JOB_END_TIME (the trainer's deadline) is exported when this Slurm does not set it;
-#   4. reads the status again: COMPLETED/HALTED/ERROR/CRASHED cancel the successor; STOPPED leaves it.
+#   4. asks again: done/halted/failed (or no state at all) cancel the successor; resume (STOPPED) leaves it.
 #
 # Logs: Slurm's output file (below) gets this script's decisions and a copy of the training output;
 # <output_dir>/logs/slurm-<jobid>.log keeps the training output of each job next to the run, and
@@ -101,24 +102,13 @@ log() {
   echo "$line" >>"$OUTDIR/logs/chain.log"
 }
 
-# status_word: the first line of `status.py OUTDIR`; NONE when there is no run yet, UNREADABLE when
-# the state file is corrupt or status.py failed. STATUS_TEXT keeps the whole report.
-status_word() {
-  local rc
-  STATUS_TEXT=$("$PYTHON" "$GPT_SIMPLE_HOME/status.py" "$OUTDIR" 2>&1)
-  rc=$?
-  case $rc in
-    0) STATUS=$(printf '%s\n' "$STATUS_TEXT" | head -n 1 | tr -d '[:space:]') ;;
-    3) STATUS=NONE ;;
-    *) STATUS=UNREADABLE ;;
-  esac
-}
-reason_line() {  # the line of the status report that says why (falls back to the second line)
-  local r
-  r=$(printf '%s\n' "$STATUS_TEXT" | grep -i -m 1 'reason' || true)
-  [ -n "$r" ] || r=$(printf '%s\n' "$STATUS_TEXT" | sed -n 2p)
-  printf '%s' "$r"
-}
+# read_status, run_trainer: shared with the other templates. Loaded from GPT_SIMPLE_HOME, not next to $0
+# (Slurm's spooled copy); without it the job fails here, before it queues a successor.
+TEMPLATE_LIB=$GPT_SIMPLE_HOME/scripts/template_lib.sh
+if [ ! -r "$TEMPLATE_LIB" ] || ! . "$TEMPLATE_LIB"; then
+  log "cannot load $TEMPLATE_LIB (GPT_SIMPLE_HOME must be the gpt-simple repository); chain ends" >&2
+  exit 1
+fi
 
 SUCCESSOR=""
 cancel_successor() {
@@ -131,7 +121,6 @@ cancel_successor() {
 # Signals reaching this shell before or while the trainer runs. They are forwarded once the trainer
 # has installed its handlers (a python process that has not would be killed by USR1).
 PENDING=""
-TRAINER_PID=""
 on_signal() {
   log "received SIG$1"
   PENDING="$PENDING $1"
@@ -140,13 +129,13 @@ for s in USR1 USR2 TERM INT; do trap "on_signal $s" "$s"; done
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Is there anything left to do?
-status_word
+read_status
 log "start on ${SLURM_JOB_NODELIST:-?} ($SLURM_JOB_NUM_NODES node(s)); run status at start: $STATUS"
-case $STATUS in
-  COMPLETED) log "run already COMPLETED; chain ends"; exit 0 ;;
-  HALTED)    log "run is HALTED: a human must decide (see $OUTDIR/HALTED); chain ends without training"; exit 0 ;;
-  ERROR|CRASHED) log "run is $STATUS ($(reason_line)); refusing to resume; chain ends"; exit 1 ;;
-  UNREADABLE) log "cannot read the run status: $(printf '%s' "$STATUS_TEXT" | tail -n 1); chain ends"; exit 1 ;;
+case $ACTION in
+  start|resume) ;;
+  done)   log "run already $STATUS; chain ends"; exit 0 ;;
+  halted) log "run is HALTED: a human must decide (see $OUTDIR/HALTED); chain ends without training"; exit 0 ;;
+  *)      log "run is $STATUS ($REASON); refusing to resume; chain ends"; exit 1 ;;  # failed, or unknown
 esac
 
 # 2. Queue the successor now: if this job is killed hard, the chain still goes on.
@@ -203,85 +192,41 @@ else
   cmd=("$PYTHON" "${train[@]}")
 fi
 
-caught() {  # caught PID SIGNAME: has PID installed a handler for the signal?
-  local num mask
-  num=$(kill -l "$2" 2>/dev/null) || return 1
-  mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null)
-  [ -n "$mask" ] && (( (16#$mask >> (num - 1)) & 1 ))
-}
-ready_for() {  # ready_for SIGNAME: may the signal be forwarded to the trainer now?
-  local c
+ready_for() {  # replaces template_lib.sh's: with srun, the trainers run on other nodes
   if [ "$USE_SRUN" = 1 ]; then
-    # the trainers run on other nodes: wait until one of them has written the run state
+    # wait until one of them has written the run state
     [ "$OUTDIR/run_state.json" -nt "$LAUNCH_MARK" ]
-    return
+  else
+    trainer_handles "$1"
   fi
-  caught "$TRAINER_PID" "$1" || return 1
-  for c in $(pgrep -P "$TRAINER_PID" 2>/dev/null); do  # torchrun's workers
-    caught "$c" "$1" || return 1
-  done
-}
-forward_pending() {
-  local s target waited=$1
-  for s in $PENDING; do
-    if ready_for "$s" || [ "$waited" -ge 180 ]; then
-      target=$s
-      # INT goes out as TERM: the trainer reads a second SIGINT as "exit now, no save", and srun
-      # answers a single SIGINT with a status report.
-      [ "$s" = INT ] && target=TERM
-      log "forwarding SIG$target to the trainer (pid $TRAINER_PID)"
-      kill -s "$target" "$TRAINER_PID" 2>/dev/null
-      PENDING=${PENDING/ $s/}
-    fi
-  done
 }
 
 LAUNCH_MARK=$OUTDIR/logs/.launch-$JOB
 touch "$LAUNCH_MARK"
 log "launch: ${cmd[*]}"
 log "training output: $JOBLOG"
-"${cmd[@]}" >>"$JOBLOG" 2>&1 &
-TRAINER_PID=$!
-tail -n +1 -F --pid="$TRAINER_PID" "$JOBLOG" 2>/dev/null &
-TAIL_PID=$!
-
-# Wait for the trainer. A trapped signal interrupts `wait`; it is forwarded once the trainer is ready.
-rc=""
-waited=0
-while kill -0 "$TRAINER_PID" 2>/dev/null; do
-  if [ -n "$PENDING" ]; then
-    forward_pending "$waited"
-    if [ -n "$PENDING" ]; then sleep 1; waited=$((waited + 1)); continue; fi
-  fi
-  wait "$TRAINER_PID"
-  rc=$?
-done
-if [ -z "$rc" ] || [ "$rc" -gt 128 ]; then  # the last wait was interrupted, or never ran
-  wait "$TRAINER_PID" 2>/dev/null
-  r=$?
-  [ "$r" = 127 ] || rc=$r
-fi
-wait "$TAIL_PID" 2>/dev/null  # tail stops by itself once the trainer is gone
+# Train in the background; a trapped signal is forwarded once the trainer is ready.
+run_trainer "$JOBLOG" "${cmd[@]}"
 rm -f "$LAUNCH_MARK"
 
 # 4. Decide from the status, not from the exit code.
-status_word
-log "trainer exited with code $rc; run status: $STATUS"
-case $STATUS in
-  COMPLETED)
-    log "run COMPLETED; chain ends"
-    cancel_successor; exit 0 ;;
-  HALTED)
-    log "run HALTED: a human must decide (see $OUTDIR/HALTED and docs/orchestration.md); chain ends"
-    cancel_successor; exit 0 ;;
-  ERROR|CRASHED)
-    log "run $STATUS: $(reason_line); not resubmitting; inspect $JOBLOG"
-    cancel_successor; exit 1 ;;
-  NONE|UNREADABLE)
-    log "no readable run state after training (exit code $rc); not resubmitting; inspect $JOBLOG"
-    cancel_successor; exit 1 ;;
-  *)
+read_status
+log "trainer exited with code $RC; run status: $STATUS"
+case $ACTION in
+  resume)
     if [ -n "$SUCCESSOR" ]; then log "run $STATUS; successor job $SUCCESSOR resumes it"
     else log "run $STATUS but no successor is queued; resubmit to continue"; fi
     exit 0 ;;
+  done)
+    log "run $STATUS; chain ends"
+    cancel_successor; exit 0 ;;
+  halted)
+    log "run HALTED: a human must decide (see $OUTDIR/HALTED and docs/orchestration.md); chain ends"
+    cancel_successor; exit 0 ;;
+  start)
+    log "no run state after training (exit code $RC); not resubmitting; inspect $JOBLOG"
+    cancel_successor; exit 1 ;;
+  *)  # failed, or an action this script does not know
+    log "run $STATUS: $REASON; not resubmitting; inspect $JOBLOG"
+    cancel_successor; exit 1 ;;
 esac

@@ -1,8 +1,10 @@
 """What a checkpoint is on disk, and reading it safely.
 
-A checkpoint directory holds the DCP shards of model + optimizer (each rank writes its own), meta.json (step,
-counters, data cursor, config, architecture hash; written by rank 0), rng/rank-R.json, and COMMITTED, written
-last. Discovery sees committed directories only, so an interrupted save is never loaded.
+A checkpoint directory holds the DCP shards of the sharded part (model + optimizer; each rank writes its own),
+meta.json (written by rank 0: step, kind, and under each part's name the state of the global parts and the
+manifest of the sharded one; see gpt_simple/state.py), one JSON file per rank and per-rank part
+(rng/rank-R.json), and COMMITTED, written last. Discovery sees committed directories only, so an interrupted
+save is never loaded.
 
 Nothing from disk is unpickled into arbitrary objects: meta.json and the RNG files are JSON, tensors are read
 by DCP with torch.load(weights_only=True), DCP's own .metadata file goes through an allow-list unpickler
@@ -11,10 +13,8 @@ hyper-parameters) are read with torch.load(weights_only=True) instead of DCP's d
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
-import os
 import pickle
 import re
 import warnings
@@ -28,10 +28,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from gpt_simple.config import Config, ConfigError, ModelConfig, diff
+from gpt_simple.config import ConfigError, ModelConfig
 
 COMMITTED = "COMMITTED"
 META = "meta.json"
+META_FORMAT = 2
 KINDS = {"periodic": "", "shutdown": "-shutdown", "final": "-final"}
 NAME_RE = re.compile(r"^step-(\d+)(-shutdown|-final)?$")
 CORRUPT_PREFIX = "corrupt-"
@@ -52,10 +53,6 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, CheckpointException):
         return "; ".join(f"rank {rank}: {describe_error(exc)}" for rank, (exc, _) in sorted(error.failures.items()))
     return " ".join(f"{type(error).__name__}: {error}".split())
-
-
-class ArchitectureMismatch(ConfigError):
-    """The checkpoint's model architecture differs from the config's: refused, never a reason to fall back."""
 
 
 @dataclass(frozen=True)
@@ -104,51 +101,32 @@ def resume_candidates(policy: str, root: Path) -> list[CheckpointInfo]:
 
 
 def read_meta(path: Path) -> dict:
+    """meta.json of a checkpoint, in the current layout (format 2) whatever layout it was written in."""
     try:
-        return json.loads((Path(path) / META).read_text())
+        meta = json.loads((Path(path) / META).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable {META} ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: unreadable {META} (not a JSON object)")
+    return meta if meta.get("format") == META_FORMAT else _upgrade_meta(meta)
 
 
-def check_architecture(meta: dict, model_cfg: ModelConfig, where) -> None:
-    """Refuse a checkpoint whose architecture hash differs from `model_cfg`, naming the differing fields."""
-    now = Config(model=model_cfg)
-    if meta.get("arch_hash") == now.arch_hash():
-        return
-    fields = diff(meta.get("architecture") or {}, now.architecture())
-    named = ", ".join(f"model.{k} ({a!r} in checkpoint, {b!r} now)" for k, (a, b) in fields.items()) or \
-        f"arch hash {meta.get('arch_hash')!r} in checkpoint, {now.arch_hash()!r} now"
-    raise ArchitectureMismatch(f"{where}: architecture differs from the config: {named}")
+def _upgrade_meta(old: dict) -> dict:
+    """Format 1 (before the parts had names) kept every field at the top level: the same facts, regrouped by
+    the part that owns them, so a run saved by the earlier version resumes exactly."""
+    config = old.get("config") or {}
+    data = dict(old["data"], fingerprint=old.get("data_fingerprint"),
+                seed=(config.get("data") or {}).get("seed")) if isinstance(old.get("data"), dict) else None
+    return {"format": META_FORMAT, "step": old.get("step"), "kind": old.get("kind"), "saved_at": old.get("saved_at"),
+            "run": {"config": config, "world_size": old.get("world_size"), "tokenizer": old.get("tokenizer")},
+            "train": {"step": old.get("step"), "tokens": old.get("tokens")},
+            "data": data,
+            "model": {"architecture": old.get("architecture"), "arch_hash": old.get("arch_hash"),
+                      "optimizer_state": old.get("optimizer_state", True)}}
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if device.type == "cuda":
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    def tensor(b64: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
-    torch.set_rng_state(tensor(state["cpu"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(tensor(state["cuda"]), device)
+def meta_tokenizer(meta: dict) -> str | None:
+    return (meta.get("run") or {}).get("tokenizer")
 
 
 # -- safe reading of DCP checkpoints ------------------------------------------------------------------------
@@ -242,5 +220,6 @@ def read_dcp_metadata(path: Path) -> Metadata:
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    arch = meta.get("architecture") or meta.get("config", {}).get("model", {})
+    arch = (meta.get("model") or {}).get("architecture") or \
+        ((meta.get("run") or {}).get("config") or {}).get("model") or {}
     return ModelConfig(**{k: v for k, v in arch.items() if k in names})

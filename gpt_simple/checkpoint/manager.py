@@ -22,16 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
 
-from gpt_simple.checkpoint.files import (COMMITTED, CORRUPT_PREFIX, DCP_ERRORS, META, NAME_RE, ArchitectureMismatch,
-                                         CheckpointError, CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner,
-                                         fsync_dir, write_durable, check_architecture, checkpoint_name,
-                                         describe_error, list_committed, read_dcp_metadata, read_meta, rng_state,
-                                         set_rng_state)
-from gpt_simple.config import ModelConfig
-from gpt_simple.parallel import all_reduce_max, one_thread_here
+from gpt_simple.checkpoint.files import (COMMITTED, CORRUPT_PREFIX, DCP_ERRORS, META, META_FORMAT, NAME_RE, CheckpointError,
+                                         CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner, checkpoint_name,
+                                         describe_error, list_committed, read_dcp_metadata, read_meta)
+from gpt_simple.config import ConfigError
+from gpt_simple.data.curriculum import DataError
+from gpt_simple.run_dir import fsync_dir, write_durable
+from gpt_simple.runtime import all_reduce_max, log, one_thread_here
 
 # Test and drill knob: every checkpoint write sleeps this long first (a slow filesystem), so a test can stop or
 # kill a job while a save is in flight. Unset in production.
@@ -74,18 +72,6 @@ def _stager_class():
     return _Stager
 
 
-def tied_aliases(model) -> dict[str, str]:
-    """{later name: first name} for parameters registered under more than one name (tied weights)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
-
-
 def _remove_all(paths: list[Path]) -> None:
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
@@ -100,25 +86,28 @@ class _Pending:
 
 
 class CheckpointManager:
-    """Saves and loads model + optimizer (sharded) and the run's small state; owns the checkpoints folder."""
+    """Saves and loads a dict of Stateful parts (see gpt_simple/state.py); owns the checkpoints folder.
 
-    def __init__(self, output_dir: Path, model, optimizer, device: torch.device, rank: int,
-                 keep_last_k: int = 3, keep_milestone_every: int = 0, log=print, on_commit=None):
-        self.root = Path(output_dir) / "checkpoints"
-        self.model, self.optimizer, self.device, self.rank = model, optimizer, device, rank
+    save / maybe_commit / wait return the record of the checkpoint they committed (or None): what to do about
+    a commit (events, status, metrics) is the caller's business."""
+
+    def __init__(self, root: Path, parts: dict, device: torch.device, rank: int, keep_last_k: int = 3,
+                 keep_milestone_every: int = 0):
+        self.root, self.parts, self.device, self.rank = Path(root), parts, device, rank
         self.keep_last_k, self.keep_milestone_every = keep_last_k, keep_milestone_every
-        self.log, self.on_commit = log, on_commit
         self.pending: _Pending | None = None
         self.last_saved_step: int | None = None
         self.last_committed: CheckpointInfo | None = None
         self.last_save_seconds = 0.0
-        self.history: list[dict] = []  # one record per committed save: blocking and total seconds
         self._stager = None
         # Background DCP collectives get their own gloo group so they never interleave with training's.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         # One process needs no collectives; DCP's plan exchange through gloo would also leave gloo's worker
-        # thread with an OpenMP team of its own (see parallel.one_thread_here): slower steps ever after.
+        # thread with an OpenMP team of its own (see runtime.one_thread_here): slower steps ever after.
         self.solo = not dist.is_initialized() or dist.get_world_size() == 1
+
+    def _scoped(self, scope: str) -> dict:
+        return {name: part for name, part in self.parts.items() if part.checkpoint_scope == scope}
 
     # -- start-up ---------------------------------------------------------------------------------------
     def clean_partial(self) -> list[str]:
@@ -141,24 +130,25 @@ class CheckpointManager:
         return list_committed(self.root)
 
     # -- saving -----------------------------------------------------------------------------------------
-    def _app_state(self, with_optimizer: bool) -> dict:
-        """What DCP saves and loads in place. A tied weight (the output head is the token embedding) appears
-        under both names: it is saved once, under the first (for GPT-2 124M that saves 154 MB per checkpoint),
-        and load() puts it back under the others.
+    def _meta(self, step: int, kind: str) -> dict:
+        meta = {"format": META_FORMAT, "step": step, "kind": kind, "saved_at": time.time()}
+        parts = {name: part.state_dict() for name, part in self._scoped("global").items()}
+        parts.update({name: part.manifest() for name, part in self._scoped("sharded").items()})
+        clash = set(parts) & set(meta)
+        assert not clash, f"checkpoint part names {clash} clash with meta.json's own fields"
+        return {**meta, **parts}
 
-        Before the first optimizer step there is no optimizer state, and get_state_dict would make one: it
-        runs a step with zero gradients and lr 0, which leaves the weights alone but sets AdamW's step count to
-        1, so a run resumed from such a save would bias-correct every later step differently from one that
-        never stopped. Those saves hold the model only (meta.json: "optimizer_state": false)."""
-        if with_optimizer:
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        else:
-            model_sd, optim_sd = get_model_state_dict(self.model), None
-        aliases = tied_aliases(self.model)
-        state = {"model": {k: v for k, v in model_sd.items() if k not in aliases}}
-        if optim_sd is not None:
-            state["optim"] = optim_sd
-        return state
+    def _tensors(self) -> tuple[dict, dict[str, list[str]]]:
+        """What DCP saves and loads in place: the sharded parts' dicts merged at the root (the layout that
+        load_model_state and export read: model.*, optim.*), and which top-level keys are whose."""
+        state: dict = {}
+        keys: dict[str, list[str]] = {}
+        for name, part in self._scoped("sharded").items():
+            sd = part.state_dict()
+            assert not set(sd) & set(state), "sharded parts must use distinct top-level keys"
+            state.update(sd)
+            keys[name] = list(sd)
+        return state, keys
 
     def _scope(self) -> dict:
         """Where DCP coordinates: this process alone, or the checkpoint group."""
@@ -181,32 +171,35 @@ class CheckpointManager:
             self._stager = _stager_class()(options)
         return self._stager
 
-    def save(self, step: int, meta: dict, kind: str = "periodic", asynchronous: bool = False) -> None:
-        """Start a save of the current state at `step`; synchronous saves are committed before returning.
+    def save(self, step: int, kind: str = "periodic", asynchronous: bool = False) -> dict | None:
+        """Start a save of every part at `step`; a synchronous save is committed before returning, and its
+        record returned (an asynchronous one's comes from maybe_commit or wait).
 
         Every rank takes part. A failure on any rank (disk full, permission) raises CheckpointError on every
         rank, leaves the previous checkpoints untouched and the partial directory for the next start to remove.
         """
-        self.wait()
+        if self.pending is not None:
+            raise RuntimeError("a save is in flight: wait() for it (and handle its record) first")
         info = CheckpointInfo(self.root / checkpoint_name(step, kind), step, kind)
-        with_optimizer = bool(self.optimizer.state)  # the same on every rank: all of them step together
         tmp = self.root / f".tmp-{info.name}"
         started = time.perf_counter()
         error: BaseException | None = None
         if self.rank == 0:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
-                (tmp / "rng").mkdir(parents=True)
-                write_durable(tmp / META, json.dumps({**meta, "step": step, "kind": kind, "saved_at": time.time(),
-                                                       "optimizer_state": with_optimizer}))
+                tmp.mkdir(parents=True)
+                for name in self._scoped("rank"):
+                    (tmp / name).mkdir()
+                write_durable(tmp / META, json.dumps(self._meta(step, kind)))
             except OSError as e:
                 error = e
         if self._agree_failed(error):  # also the barrier: the directory exists before any rank writes into it
             self._raise_failed(info, tmp, error)
         future = staged = None
         try:
-            write_durable(tmp / "rng" / f"rank-{self.rank}.json", json.dumps(rng_state(self.device)))
-            state = self._app_state(with_optimizer)
+            for name, part in self._scoped("rank").items():
+                write_durable(tmp / name / f"rank-{self.rank}.json", json.dumps(part.state_dict()))
+            state, _ = self._tensors()
             writer = _Writer(str(tmp))
             if asynchronous:
                 stager = self.stager()
@@ -220,8 +213,7 @@ class CheckpointManager:
             future = e
         self.pending = _Pending(info, tmp, future, started, time.perf_counter() - started, asynchronous, staged)
         self.last_saved_step = step
-        if not asynchronous:
-            self._commit()
+        return None if asynchronous else self._commit()
 
     def before_update(self) -> None:
         """Call before anything changes the saved state in place (the optimizer step): waits until the save in
@@ -237,35 +229,39 @@ class CheckpointManager:
                 p.blocked += time.perf_counter() - start
             p.staged = None
 
-    def pending_vote(self) -> float:
-        """1.0 while this rank's async write is still running (all-reduced by the trainer's step agreement)."""
-        return float(self.pending is not None and self.pending.future is not None
+    def save_in_flight(self) -> bool:
+        """This rank's async write is still running (agreed over ranks by the trainer's step agreement)."""
+        return bool(self.pending is not None and self.pending.future is not None
                      and hasattr(self.pending.future, "done") and not self.pending.future.done())
 
-    def maybe_commit(self, any_rank_pending: bool) -> None:
+    def maybe_commit(self, any_rank_pending: bool) -> dict | None:
+        """Commit the save in flight once no rank is still writing it (`any_rank_pending`: pending_vote,
+        all-reduced); its record, or None."""
         if self.pending is not None and not any_rank_pending:
-            self._commit()
+            return self._commit()
+        return None
 
-    def wait(self) -> None:
-        """Block until the save in flight (if any) is written, then commit it. The time the caller blocks
-        here counts as that save's blocking time."""
-        if self.pending is not None:
-            start = time.perf_counter()
-            future = self.pending.future
-            if future is not None and hasattr(future, "done"):
-                try:
-                    future.result()
-                except DCP_ERRORS:  # reported by _commit on every rank
-                    pass
-            self.pending.blocked += time.perf_counter() - start
-            self._commit()
+    def wait(self) -> dict | None:
+        """Block until the save in flight (if any) is written, then commit it; its record, or None. The time
+        the caller blocks here counts as that save's blocking time."""
+        if self.pending is None:
+            return None
+        start = time.perf_counter()
+        future = self.pending.future
+        if future is not None and hasattr(future, "done"):
+            try:
+                future.result()
+            except DCP_ERRORS:  # reported by _commit on every rank
+                pass
+        self.pending.blocked += time.perf_counter() - start
+        return self._commit()
 
     def _raise_failed(self, info: CheckpointInfo, tmp: Path, error: BaseException | None):
         reason = describe_error(error) if error else "a write failed on another rank"
         raise CheckpointError(f"saving {info.name} failed ({reason}); the previous checkpoints are untouched "
                               f"and {tmp} will be removed at the next start")
 
-    def _commit(self) -> None:
+    def _commit(self) -> dict:
         """Agree that every rank's write succeeded, then mark and rename (rank 0). Runs in the loop: its time
         counts as blocking."""
         commit_start = time.perf_counter()
@@ -297,11 +293,9 @@ class CheckpointManager:
         self.last_committed = p.info
         record = {"checkpoint": p.info.name, "step": p.info.step, "type": p.info.kind, "async": p.asynchronous,
                   "blocking_s": p.blocked, "total_s": total, "bytes": size}
-        self.history.append(record)
-        self.log(f"checkpoint {p.info.name} committed ({'async' if p.asynchronous else 'sync'}: loop blocked "
+        log.info(f"checkpoint {p.info.name} committed ({'async' if p.asynchronous else 'sync'}: loop blocked "
                  f"{p.blocked:.2f}s, total {total:.2f}s)")
-        if self.on_commit is not None:
-            self.on_commit(record)
+        return record
 
     def _trash_name(self, name: str) -> Path:
         return self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
@@ -324,65 +318,67 @@ class CheckpointManager:
             threading.Thread(target=_remove_all, args=(trash,), name="checkpoint-retention").start()
 
     # -- loading ----------------------------------------------------------------------------------------
-    def load(self, info: CheckpointInfo) -> dict:
-        """Load model, optimizer and this rank's RNG from `info`; returns its meta.json.
+    def load(self, info: CheckpointInfo) -> None:
+        """Load every part from `info`: the sharded parts' manifests first (a different architecture raises
+        ArchitectureMismatch before any tensor is read), then the global and per-rank parts, then the tensors.
 
-        A different architecture raises ArchitectureMismatch before any tensor is read.
-        """
+        A part that refuses the checkpoint (ConfigError, DataError: another architecture, other data) is a
+        user-facing incompatibility, raised at once; anything else is damage (CheckpointError)."""
         meta = read_meta(info.path)
-        model_cfg = getattr(self.model, "cfg", None)
-        if isinstance(model_cfg, ModelConfig):
-            check_architecture(meta, model_cfg, info.path)
+        try:
+            for name, part in self._scoped("sharded").items():
+                part.load_manifest(meta.get(name) or {}, info.path)
+            for name, part in self._scoped("global").items():
+                part.load_state_dict(meta.get(name))  # None: saved before the part existed (the part decides)
+        except (ConfigError, DataError) as e:
+            where = str(info.path)
+            raise type(e)(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{info.path}: unusable {META} ({describe_error(e)})") from None
         read_dcp_metadata(info.path)
-        with_optimizer = meta.get("optimizer_state", True)
-        state = self._app_state(with_optimizer)
+        state, keys = self._tensors()
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
                      **self._scope())
         except DCP_ERRORS as e:
             raise CheckpointError(f"{info.path}: cannot read the checkpoint ({describe_error(e)})") from None
-        for alias, source in tied_aliases(self.model).items():
-            state["model"][alias] = state["model"][source]
-        if with_optimizer:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-        else:  # saved before the first step: the optimizer starts as fresh as it was then
-            set_model_state_dict(self.model, state["model"])
-            self.optimizer.state.clear()  # a newer checkpoint that failed to load may have filled it
-        rng_file = info.path / "rng" / f"rank-{self.rank}.json"
-        if rng_file.exists():
-            set_rng_state(json.loads(rng_file.read_text()), self.device)
-        else:  # more ranks than when saved: a fresh, still deterministic stream for the new rank
-            torch.manual_seed(hash((meta.get("step", 0), self.rank)) & 0x7FFFFFFF)
+        for name, part in self._scoped("sharded").items():
+            part.load_state_dict({k: state[k] for k in keys[name]})
+        for name, part in self._scoped("rank").items():
+            path = info.path / name / f"rank-{self.rank}.json"
+            try:
+                part.load_state_dict(json.loads(path.read_text()) if path.exists() else None)
+            except (OSError, KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: unusable ({describe_error(e)})") from None
         self.last_saved_step = meta["step"]
         self.last_committed = info
-        return meta
 
-    def load_with_fallback(self, candidates: list[CheckpointInfo], on_fallback) -> tuple[CheckpointInfo, dict]:
-        """Try the newest first; a checkpoint that fails on any rank is skipped, loudly, for the one before.
-
-        Once an older one has loaded, the ones that failed are renamed to corrupt-NAME (kept for inspection,
-        never loaded, never counted by retention) so that the run's new saves do not sit behind them. An
-        architecture mismatch is not a corrupt checkpoint: it is raised at once.
-        """
-        failed: list[CheckpointInfo] = []
+    def load_latest(self, candidates: list[CheckpointInfo]) -> tuple[CheckpointInfo, list[tuple[str, str]]]:
+        """Load the newest candidate that every rank can load; (the one loaded, [(name, error) of the newer
+        ones that failed]). A failed one is skipped, loudly, for the one before, and once an older one has
+        loaded the failed ones are renamed to corrupt-NAME (kept for inspection, never loaded, never counted by
+        retention) so that the run's new saves do not sit behind them. An incompatibility is not damage: it is
+        raised at once. When none loads, the CheckpointError carries the failures as `.failures`."""
+        failed: list[tuple[CheckpointInfo, str]] = []
         for info in reversed(candidates):
             error = None
             try:
-                meta = self.load(info)
-            except ArchitectureMismatch:
+                self.load(info)
+            except (ConfigError, DataError):
                 raise
             except DCP_ERRORS as e:  # agree across ranks before deciding
                 error = e
             if not self._agree_failed(error):
-                self._quarantine(failed)
-                return info, meta
-            failed.append(info)
-            on_fallback(info, error if isinstance(error, CheckpointError) else
-                        CheckpointError(describe_error(error)) if error else
-                        CheckpointError("failed to load on another rank"))
-        raise CheckpointError(f"no checkpoint under {self.root} could be loaded "
+                self._quarantine([f for f, _ in failed])
+                return info, [(f.name, why) for f, why in failed]
+            why = describe_error(error) if error is not None and not isinstance(error, CheckpointError) else \
+                str(error) if error is not None else "failed to load on another rank"
+            log.warning(f"checkpoint {info.name} failed to load ({why}); falling back to the one before")
+            failed.append((info, why))
+        err = CheckpointError(f"no checkpoint under {self.root} could be loaded "
                               f"(tried {', '.join(c.name for c in reversed(candidates))})")
+        err.failures = [(f.name, why) for f, why in failed]
+        raise err
 
     def _quarantine(self, failed: list[CheckpointInfo]) -> None:
         if self.rank == 0:
@@ -392,9 +388,9 @@ class CheckpointManager:
                     target = info.path.with_name(f"{CORRUPT_PREFIX}{info.name}-{int(time.time())}")
                 try:
                     os.replace(info.path, target)
-                    self.log(f"moved the checkpoint that failed to load to {target}")
+                    log.info(f"moved the checkpoint that failed to load to {target}")
                 except OSError as e:
-                    self.log(f"could not move {info.path} aside ({e})")
+                    log.warning(f"could not move {info.path} aside ({e})")
         if dist.is_initialized():
             dist.barrier()
 

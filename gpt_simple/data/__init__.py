@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from gpt_simple.data.stream import DataStream
 
 __all__ = ["BucketExhausted", "DataError", "DataStream", "ShardError", "build_stream", "demo_buckets",
-           "fingerprint", "open_data"]
+           "open_data"]
 
 
 def __getattr__(name: str):
@@ -61,8 +61,3 @@ def build_stream(cfg: Config, rank: int, world_size: int) -> "DataStream":
     return DataStream(buckets, cfg.data.curriculum, cfg.data.seq_len, cfg.data.seed,
                       cfg.data.allow_bucket_exhaustion, cfg.training.global_batch_size,
                       cfg.training.micro_batch_size, rank, world_size, cfg.data.prefetch)
-
-
-def fingerprint(stream: "DataStream") -> dict:
-    """What a checkpointed cursor assumes about the data: documents and tokens per bucket, and the seed."""
-    return {name: [r.bucket.n_docs, r.bucket.n_tokens] for name, r in sorted(stream.readers.items())}

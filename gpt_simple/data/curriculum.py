@@ -15,7 +15,7 @@ schedule is the same on every machine and its state is a few integers: phase, se
 counts, dropped buckets.
 
 (The first version chose the bucket with the most accrued credit — nginx's smooth weighted round robin — whose
-lag reaches 1.17 sequences for some mixes of 8 buckets; tests/test_data_curriculum.py shows both.)
+lag reaches 1.17 sequences for some mixes of 8 buckets; tests/unit/test_data_curriculum.py shows both.)
 
 A bucket that cannot supply its next sequence is exhausted: with allow_bucket_exhaustion it is dropped for the
 rest of the run and the others are renormalised from that sequence on (the lag bound restarts there);
@@ -149,12 +149,6 @@ class Schedule:
         self.counts[bucket] = self.counts.get(bucket, 0) + 1
         self.segment_sequences += 1
         self.phase_sequences += 1
-
-    def next_bucket(self) -> str | None:
-        bucket = self.peek()
-        if bucket is not None:
-            self.advance(bucket)
-        return bucket
 
     def drop(self, bucket: str) -> None:
         """The bucket ran dry: the rest of the run goes on without it, the others renormalised from here."""

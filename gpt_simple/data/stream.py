@@ -23,7 +23,7 @@ import torch
 
 from gpt_simple.data.curriculum import BucketExhausted, DataError, Schedule, nothing_left, resolve_phases
 from gpt_simple.data.shards import Bucket
-from gpt_simple.parallel import one_thread_here
+from gpt_simple.runtime import one_thread_here
 
 Span = tuple  # (bucket, doc, token_start, token_end): tokens of the document followed by its EOS
 
@@ -99,20 +99,37 @@ class DataStream:
         self.seq_len, self.allow_exhaustion = seq_len, allow_exhaustion
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
-        self.prefetch = prefetch
+        self.prefetch, self.seed = prefetch, seed
         self._state = self.initial_state()
         self._worker: _Prefetcher | None = None
 
     def initial_state(self) -> dict:
         schedule = Schedule(self.phases, self.seq_len)
         return {"step": 0, "sequences": 0, "schedule": schedule.state_dict(),
-                "cursors": {name: [0, 0] for name in self.readers}}
+                "cursors": {name: [0, 0] for name in self.readers},
+                "fingerprint": self.fingerprint(), "seed": self.seed}
+
+    @property
+    def tokenizer(self) -> str:
+        return next(iter(self.readers.values())).bucket.tokenizer
+
+    def fingerprint(self) -> dict:
+        """What a cursor assumes about the data: documents and tokens per bucket."""
+        return {name: [r.bucket.n_docs, r.bucket.n_tokens] for name, r in sorted(self.readers.items())}
 
     # -- checkpointed state: what the optimizer has consumed, never what was prefetched --------------------
+    checkpoint_scope = "global"
+
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved cursor; refuses one that was taken over other data or another data.seed."""
+        saved, now = state.get("fingerprint"), self.fingerprint()
+        if saved != now or state.get("seed") != self.seed:
+            raise DataError(f"the data changed since this checkpoint (buckets [docs, tokens] then {saved}, now "
+                            f"{now}; data.seed then {state.get('seed')}, now {self.seed}); resuming would not "
+                            f"continue the same data stream")
         missing = set(self.readers) - set(state["cursors"])
         extra = set(state["cursors"]) - set(self.readers)
         if missing or extra:

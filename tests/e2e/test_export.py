@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, child_env, run_train
 from gpt_simple.checkpoint import load_model_state
+from helpers.train import PYTHON, ROOT, child_env, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_generate_samples_text(runs, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
     meta = json.loads((moved / "checkpoints" / "step-3-final" / "meta.json").read_text())
-    assert meta["tokenizer"] == "byte"
+    assert meta["run"]["tokenizer"] == "byte"
     b = cli("generate", "--checkpoint", moved / "checkpoints" / "step-3-final", *greedy, cwd=tmp_path)
     assert b.returncode == 0, b.stderr
     assert b.stdout == a.stdout

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PYTHON, ROOT, TINY, child_env, events, metrics, run_train, status_word, train_cmd
 from gpt_simple.data.shards import open_buckets
-from test_data_helpers import assert_each_token_once, exact_lengths, read_audit, write_bucket
+from helpers.data import assert_each_token_once, exact_lengths, read_audit, write_bucket
+from helpers.train import PYTHON, ROOT, TINY, child_env, events, metrics, run_train, status_word, train_cmd
 
 pytestmark = pytest.mark.slow
 
-SEQ, G = 64, 8  # conftest.TINY's data.seq_len and training.global_batch_size
+SEQ, G = 64, 8  # helpers.train.TINY's data.seq_len and training.global_batch_size
 GPT_SIMPLE = str(Path(PYTHON).with_name("gpt-simple"))
 LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz      \n", dtype=np.uint8)
 

@@ -9,7 +9,7 @@ import pytest
 from gpt_simple.config import load_config
 from gpt_simple.data import DataError, open_data
 from gpt_simple.data.shards import HEADER_BYTES, MAGIC, Bucket, ShardError, ShardWriter, open_buckets
-from test_data_helpers import write_bucket
+from helpers.data import write_bucket
 
 
 def test_round_trip_across_shards(tmp_path):

@@ -1,5 +1,5 @@
-"""Helpers shared by the tests/test_data_*.py files (this module holds no tests): synthetic buckets written
-with the real ShardWriter, and readers of data_audit.jsonl."""
+"""Data helpers shared by the data tests (unit and e2e): synthetic buckets written with the real ShardWriter,
+readers of data_audit.jsonl, and a bucket's documents decoded back to text."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_simple.data.shards import ShardWriter
+from gpt_simple.data.shards import Bucket, ShardWriter
 from gpt_simple.data.tokenizer import ByteTokenizer
 
 
@@ -70,3 +70,8 @@ def assert_each_token_once(audit: list[dict], doc_sizes: dict[str, list[int]], c
 
 def decode(tokens) -> str:
     return ByteTokenizer().decode(tokens)
+
+
+def documents(folder: Path) -> list[str]:
+    bucket = Bucket(folder)
+    return [decode(bucket.document(i)) for i in range(bucket.n_docs)]

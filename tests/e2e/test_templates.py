@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT as REPO
+
 PYTHON = sys.executable
 LOCAL_LOOP = REPO / "scripts" / "local_loop.sh"
 CHAIN = REPO / "slurm" / "resume_chain.sh"

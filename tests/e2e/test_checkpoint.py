@@ -1,7 +1,8 @@
 """Checkpointing and resume, proven with real train.py / torchrun processes, real files and real signals.
 
-Fast tests at the top drive CheckpointManager in this process on real files; the end-to-end ones (slow) stop,
-kill, corrupt and resume real runs and compare them with uninterrupted ones.
+The first test checks that malicious pickles in a checkpoint are refused (a child process proves the payloads
+live); the end-to-end ones (slow) stop, kill, corrupt and resume real runs and compare them with uninterrupted
+ones. CheckpointManager alone, in this process on real files: unit/test_checkpoint.py.
 """
 import hashlib
 import io
@@ -12,17 +13,16 @@ import resource
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, TINY, child_env, events, finish, losses, metrics, start_train, status_word
-from conftest import run_train as _run_train
-from gpt_simple.checkpoint import (COMMITTED, CheckpointError, CheckpointManager, SAVE_DELAY_ENV, list_committed,
-                                   load_model_state)
+from gpt_simple.checkpoint import COMMITTED, CheckpointError, SAVE_DELAY_ENV, list_committed, load_model_state
+from helpers.checkpoint import tiny_trained_manager
+from helpers.train import PYTHON, ROOT, child_env, events, finish, losses, metrics, start_train, status_word
+from helpers.train import run_train as _run_train
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -99,107 +99,13 @@ def assert_same_weights(a, b) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
-# -- in this process, on real files ------------------------------------------------------------------------------
-def fake_checkpoint(root: Path, name: str, commit: bool = True) -> Path:
-    path = root / name
-    path.mkdir(parents=True)
-    (path / "meta.json").write_text("{}")
-    if commit:
-        (path / COMMITTED).write_text("{}")
-    return path
-
-
-def test_discovery_orders_by_step_and_ignores_what_is_not_committed(tmp_path):
-    for name in ("step-10", "step-4-final", "step-8-shutdown", "step-8", "step-8-final", "corrupt-step-12",
-                 "step-x"):
-        fake_checkpoint(tmp_path, name)
-    fake_checkpoint(tmp_path, "step-20", commit=False)
-    fake_checkpoint(tmp_path, ".tmp-step-30")
-    # by step; a -final at a lower step (max_steps raised since) never beats a newer step; at one step
-    # periodic < shutdown < final
-    assert [c.name for c in list_committed(tmp_path)] == \
-        ["step-4-final", "step-8", "step-8-shutdown", "step-8-final", "step-10"]
-
-
-def test_start_up_removes_partial_saves_only(tmp_path):
-    root = tmp_path / "checkpoints"
-    keep = [fake_checkpoint(root, n) for n in ("step-2", "step-4-final")]
-    fake_checkpoint(root, "step-6", commit=False)       # killed between writing and the commit marker
-    fake_checkpoint(root, ".tmp-step-8")                # killed mid-write
-    fake_checkpoint(root, ".trash-step-1-0123abcd")     # killed while retention was deleting
-    (root / ".tmp-step-10").write_text("a stray file, not a directory")
-    mgr = CheckpointManager(tmp_path, None, None, torch.device("cpu"), rank=0)
-    assert sorted(mgr.clean_partial()) == [".tmp-step-10", ".tmp-step-8", ".trash-step-1-0123abcd", "step-6"]
-    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in keep)
-
-
-def retained(tmp_path, steps, k, every, just=None) -> list[str]:
-    root = tmp_path / "checkpoints"
-    for s in steps:
-        fake_checkpoint(root, s)
-    mgr = CheckpointManager(tmp_path, None, None, torch.device("cpu"), rank=0, keep_last_k=k,
-                            keep_milestone_every=every)
-    mgr._apply_retention(keep=root / just if just else None)
-    for t in threading.enumerate():
-        if t.name == "checkpoint-retention":
-            t.join()
-    assert not [p for p in root.iterdir() if p.name.startswith(".trash-")]  # deleted, not only moved aside
-    return [c.name for c in list_committed(root)]
-
-
-def test_retention_rules(tmp_path):
-    steps = ["step-2", "step-4", "step-6", "step-8", "step-10-shutdown", "step-12"]
-    assert retained(tmp_path / "a", steps, k=2, every=0) == ["step-10-shutdown", "step-12"]
-    assert retained(tmp_path / "b", steps, k=2, every=4) == ["step-4", "step-8", "step-10-shutdown", "step-12"]
-    assert retained(tmp_path / "c", steps, k=0, every=4) == steps  # 0 keeps everything
-    # the newest is kept even with k = 1 and a milestone that is not it; a save just committed after resuming
-    # an older checkpoint (so that it sorts below newer ones) is never deleted by its own retention pass
-    assert retained(tmp_path / "d", steps, k=1, every=5) == ["step-10-shutdown", "step-12"]
-    assert retained(tmp_path / "e", steps, k=1, every=0, just="step-6") == ["step-6", "step-12"]
-
-
-def _tiny_trained_manager(out: Path):
-    from gpt_simple.config import load_config
-    from gpt_simple.model import GPT
-    from gpt_simple.optim import build_optimizer
-    cfg = load_config(ROOT / "configs" / "tiny.toml", TINY[2:])
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    opt = build_optimizer(model, cfg.optimizer, torch.device("cpu"))
-    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
-    model(x, x)[1].backward()
-    opt.step()
-    mgr = CheckpointManager(out, model, opt, torch.device("cpu"), rank=0, log=lambda *_: None)
-    meta = {"architecture": cfg.architecture(), "arch_hash": cfg.arch_hash(), "config": cfg.to_dict()}
-    return mgr, meta, cfg
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_a_tied_weight_is_saved_once_and_stays_tied_after_loading(tmp_path):
-    from gpt_simple.checkpoint import read_dcp_metadata, read_meta
-    mgr, meta, _ = _tiny_trained_manager(tmp_path)
-    model = mgr.model
-    mgr.save(1, meta)
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    keys = read_dcp_metadata(mgr.last_committed.path).state_dict_metadata
-    assert "model.tok_emb.weight" in keys and "model.head.weight" not in keys
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    mgr.load(mgr.last_committed)
-    assert model.head.weight is model.tok_emb.weight
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, saved[name]), name
-    assert read_meta(mgr.last_committed.path)["arch_hash"] == meta["arch_hash"]
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     """A checkpoint whose DCP metadata, or one of whose non-tensor entries, is a malicious pickle is refused
     without running it. The payloads are live: plain unpickling runs them (checked in a child process)."""
     from torch.distributed.checkpoint import FileSystemReader
-    mgr, meta, _ = _tiny_trained_manager(tmp_path)
-    mgr.save(1, meta)
+    mgr, _, _ = tiny_trained_manager(tmp_path)
+    mgr.save(1)
     good = mgr.last_committed
     marker = tmp_path / "PWNED"
 
@@ -314,7 +220,7 @@ def test_stopped_before_the_first_step_resumes_bit_identical(tmp_path, demo_data
     first = run_train(out, demo_data, *args, env=child_env(GPT_SIMPLE_MAX_RUNTIME="1"))
     assert "STOPPED" in first.stdout and committed(out) == ["step-0-shutdown"], first.stdout[-2000:]
     meta = json.loads((out / "checkpoints" / "step-0-shutdown" / "meta.json").read_text())
-    assert meta["step"] == 0 and meta["optimizer_state"] is False
+    assert meta["step"] == 0 and meta["model"]["optimizer_state"] is False
     run_train(out, demo_data, *args)
     assert status_word(out) == "COMPLETED"
     assert [e["step"] for e in events(out) if e["event"] == "resume"] == [0]
@@ -564,7 +470,7 @@ def test_failed_saves_leave_previous_checkpoints_and_fail_loudly(tmp_path, demo_
 def test_halt_right_after_a_periodic_save_does_not_save_again(tmp_path):
     """A bucket that runs dry right after a periodic save: the halt commits that save instead of writing the
     same state again as step-N-shutdown. (A stop right after one: test_shutdown's save-in-flight test.)"""
-    from test_data_helpers import write_bucket
+    from helpers.data import write_bucket
     data = tmp_path / "data"
     write_bucket(data, "a", [3000] * 20, seed=1)
     write_bucket(data, "b", [300] * 3, seed=2)

@@ -8,19 +8,13 @@ import time
 
 import pytest
 
-from conftest import PYTHON, ROOT, run_train, status_word
-from gpt_simple.run_state import RunState, effective_status
+from gpt_simple.run_state import effective_status
+from helpers.status import write_state
+from helpers.train import PYTHON, ROOT, run_train, status_word
 
 
 def status(*args):
     return subprocess.run([PYTHON, str(ROOT / "status.py"), *map(str, args)], capture_output=True, text=True)
-
-
-def write_state(out, **fields):
-    out.mkdir(parents=True, exist_ok=True)
-    rs = RunState(out)
-    rs.update(**fields)
-    return rs
 
 
 @pytest.mark.parametrize("recorded", ["STOPPED", "COMPLETED", "HALTED", "ERROR"])
@@ -104,12 +98,6 @@ def test_console_entry_output_dir_flag(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "gpt_simple", "status", "--output_dir", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "COMPLETED"
-
-
-def test_state_file_is_strict_json(tmp_path):
-    write_state(tmp_path, status="RUNNING", loss=float("nan"))
-    text = (tmp_path / "run_state.json").read_text()
-    assert "NaN" not in text and json.loads(text)["loss"] is None
 
 
 @pytest.mark.slow

@@ -1,12 +1,12 @@
-"""Config: TOML loading, overrides, and every error path (one clear line, exit 2, no traceback)."""
+"""Config: TOML loading, overrides, and every error path (one clear line, in this process; the CLI's exit 2 is in
+e2e/test_config.py)."""
 import re
-import subprocess
 
 import pytest
 
-from conftest import PYTHON, ROOT
 from gpt_simple.config import (ConfigError, diff, load_config, markdown_reference, parse_overrides, to_toml,
                                validate_world)
+from helpers.paths import ROOT
 
 
 def write(tmp_path, text):
@@ -101,19 +101,6 @@ def test_diff_names_changed_fields():
     a = load_config(None).to_dict()
     b = load_config(None, ["--optimizer.lr", "0.001"]).to_dict()
     assert diff(a, b) == {"optimizer.lr": (6e-4, 0.001)}
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--config", "missing.toml"], "error: missing.toml: cannot read config file"),
-    (["--model.n_head", "7"], "error: model.n_embd (768) must be divisible by model.n_head (7)"),
-    (["--bogus"], "error: command line: expected --section.field value, got '--bogus'"),
-])
-def test_cli_prints_one_line_and_exits_2(tmp_path, args, message):
-    proc = subprocess.run([PYTHON, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == message.strip() or proc.stderr.strip().startswith(message)
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in proc.stderr
 
 
 def test_configuration_reference_is_current():

@@ -11,7 +11,7 @@ import pytest
 from gpt_simple.data.curriculum import BucketExhausted, DataError, predict
 from gpt_simple.data.shards import open_buckets
 from gpt_simple.data.stream import DataStream, bucket_permutation
-from test_data_helpers import assert_each_token_once, exact_lengths, write_bucket
+from helpers.data import assert_each_token_once, exact_lengths, write_bucket
 
 SEQ, G = 16, 8
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, TINY, child_env, losses, metrics, run_train, status_word
+from helpers.train import PYTHON, TINY, child_env, losses, metrics, run_train, status_word
 
 pytestmark = pytest.mark.slow
 

@@ -9,26 +9,7 @@ from fractions import Fraction
 import pytest
 
 from gpt_simple.data.curriculum import (DataError, Phase, Schedule, exact_weights, predict, resolve_phases)
-
-
-def max_lag(weights: dict, n: int) -> Fraction:
-    """Run the schedule for n sequences of one phase; the largest |w_b·t − c_b(t)| over all b and t ≤ n, exact.
-
-    Between two picks of b its lag only grows, and a pick lowers it by 1, so the extremes are just before and
-    just after each pick of b, and at the end: checking those is checking every step."""
-    sched = Schedule([Phase(0, weights)], seq_len=1)
-    w = exact_weights(weights)
-    counts = dict.fromkeys(w, 0)
-    worst = Fraction(0)
-    for t in range(n):
-        b = sched.next_bucket()
-        before = w[b] * t - counts[b]
-        counts[b] += 1
-        after = w[b] * (t + 1) - counts[b]
-        worst = max(worst, abs(before), abs(after))
-    for b in w:
-        worst = max(worst, abs(w[b] * n - counts[b]))
-    return worst
+from helpers.curriculum import max_lag, next_bucket
 
 
 def random_weights(rng: random.Random) -> dict:
@@ -95,7 +76,7 @@ def test_the_old_credit_schedule_broke_the_bound_the_new_one_keeps_it():
 
 def test_exact_counts_at_the_end_of_an_integral_phase():
     sched = Schedule([Phase(0, {"a": 1, "b": 2, "c": 0.5})], seq_len=8)  # 2/7, 4/7, 1/7
-    picks = [sched.next_bucket() for _ in range(700)]
+    picks = [next_bucket(sched) for _ in range(700)]
     assert (picks.count("a"), picks.count("b"), picks.count("c")) == (200, 400, 100)
     assert picks[:7].count("b") == 4  # exact after every 7
 
@@ -104,7 +85,7 @@ def test_phase_boundaries_at_exact_token_counts():
     seq_len = 16
     phases = [Phase(100 * seq_len, {"a": 1}), Phase(50 * seq_len + 1, {"b": 1, "a": 1}), Phase(0, {"c": 1})]
     sched = Schedule(phases, seq_len)
-    picks = [sched.next_bucket() for _ in range(300)]
+    picks = [next_bucket(sched) for _ in range(300)]
     assert picks[:100] == ["a"] * 100
     # 50 x 16 + 1 tokens: the phase ends at the first sequence boundary at or after its budget (51 sequences)
     assert set(picks[100:151]) == {"a", "b"} and abs(picks[100:151].count("a") - 25.5) < 1
@@ -114,29 +95,29 @@ def test_phase_boundaries_at_exact_token_counts():
 def test_each_phase_restarts_the_mix_account():
     phases = [Phase(3, {"a": 1, "b": 1}), Phase(0, {"a": 1, "b": 1})]
     sched = Schedule(phases, seq_len=1)
-    picks = [sched.next_bucket() for _ in range(5)]
+    picks = [next_bucket(sched) for _ in range(5)]
     assert picks == ["a", "b", "a", "a", "b"]  # phase 1 starts afresh: "a" (first name) leads again
 
 
 def test_state_round_trip_continues_identically():
     phases = [Phase(137 * 4, {"x": 0.3, "y": 0.7}), Phase(0, {"x": 1, "y": 1, "z": 3})]
     ref = Schedule(phases, 4)
-    expected = [ref.next_bucket() for _ in range(400)]
+    expected = [next_bucket(ref) for _ in range(400)]
     for cut in (0, 1, 136, 137, 138, 399):
         a = Schedule(phases, 4)
-        head = [a.next_bucket() for _ in range(cut)]
+        head = [next_bucket(a) for _ in range(cut)]
         b = Schedule(phases, 4)
         b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-        assert head + [b.next_bucket() for _ in range(400 - cut)] == expected
+        assert head + [next_bucket(b) for _ in range(400 - cut)] == expected
 
 
 def test_drop_renormalises_and_restarts_the_bound():
     sched = Schedule([Phase(0, {"a": 1, "b": 1, "c": 2})], seq_len=1)
     for _ in range(10):
-        sched.next_bucket()
+        next_bucket(sched)
     sched.drop("c")
     assert sched.active_weights() == {"a": Fraction(1, 2), "b": Fraction(1, 2)}
-    picks = [sched.next_bucket() for _ in range(10)]
+    picks = [next_bucket(sched) for _ in range(10)]
     assert picks.count("a") == picks.count("b") == 5
     sched.drop("a")
     sched.drop("b")
@@ -184,7 +165,7 @@ def test_prediction_matches_the_schedule():
     phases = [Phase(40, {"a": 1, "b": 3}), Phase(0, {"a": 1, "c": 1})]
     pred = predict(phases, 4, {"a": 100, "b": 100, "c": 100}, 30, False)
     sched = Schedule(phases, 4)
-    picks = [sched.next_bucket() for _ in range(30)]
+    picks = [next_bucket(sched) for _ in range(30)]
     got = {(r.phase, r.bucket): r.sequences for r in pred.rows}
     assert got == {(0, "a"): picks[:10].count("a"), (0, "b"): picks[:10].count("b"),
                    (1, "a"): picks[10:].count("a"), (1, "c"): picks[10:].count("c")}

@@ -1,4 +1,5 @@
-"""Graceful shutdown: deadline resolution, real signals to real (torchrun) runs, the stop file, CRASHED."""
+"""Graceful shutdown: real signals to real (torchrun) runs, the stop file, CRASHED. (Deadline resolution:
+unit/test_shutdown.py.)"""
 import json
 import os
 import signal
@@ -8,36 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, child_env, events, finish, losses, start_train, status_word
-from gpt_simple.shutdown import resolve_deadline
-
-
-# -- deadline resolution ---------------------------------------------------------------------------------------
-def test_config_budget_wins():
-    d = resolve_deadline(100, {"SLURM_JOB_END_TIME": "5000", "GPT_SIMPLE_MAX_RUNTIME": "7"}, start=1000)
-    assert (d.at, d.source) == (1100, "training.max_runtime_seconds")
-
-
-def test_slurm_end_time_before_relative_budget():
-    d = resolve_deadline(0, {"SLURM_JOB_END_TIME": "5000", "GPT_SIMPLE_MAX_RUNTIME": "7"}, start=1000)
-    assert (d.at, d.source) == (5000, "SLURM_JOB_END_TIME")
-
-
-def test_relative_budget_counts_from_process_start():
-    d = resolve_deadline(0, {"GPT_SIMPLE_MAX_RUNTIME": "7"}, start=1000)
-    assert (d.at, d.source) == (1007, "GPT_SIMPLE_MAX_RUNTIME")
-
-
-def test_no_deadline():
-    d = resolve_deadline(0, {}, start=1000)
-    assert (d.at, d.source, d.warnings) == (None, "none", [])
-
-
-@pytest.mark.parametrize("bad", ["soon", "-5", "nan", "inf", "0"])
-def test_unparsable_value_is_reported_and_next_source_used(bad):
-    d = resolve_deadline(0, {"SLURM_JOB_END_TIME": bad, "GPT_SIMPLE_MAX_RUNTIME": "7"}, start=1000)
-    assert (d.at, d.source) == (1007, "GPT_SIMPLE_MAX_RUNTIME")
-    assert d.warnings == [f"ignoring SLURM_JOB_END_TIME={bad!r}: not a positive number of seconds"]
+from helpers.train import ROOT, child_env, events, finish, losses, run_train, start_train, status_word
 
 
 # -- real processes ----------------------------------------------------------------------------------------------
@@ -170,7 +142,6 @@ def test_stop_during_async_save_commits_it_and_resumes_exactly(tmp_path, demo_da
     # Every step saved asynchronously, so the stop found a save of this very step: no duplicate shutdown save.
     assert (out / "checkpoints" / f"step-{step}" / "COMMITTED").exists()
     assert shutdown_checkpoints(out) == []
-    from conftest import run_train
     run_train(out, demo_data, *common, "--training.max_steps", str(step + 3))
     run_train(ref, demo_data, *common, "--training.max_steps", str(step + 3))
     assert losses(out) == losses(ref)

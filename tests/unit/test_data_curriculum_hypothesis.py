@@ -5,7 +5,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from test_data_curriculum import max_lag  # noqa: E402
+from helpers.curriculum import max_lag  # noqa: E402
 
 weight = st.one_of(st.integers(1, 1000), st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False),
                    st.sampled_from([0.1, 0.2, 0.3, 1 / 3, 0.5]))
