@@ -27,7 +27,8 @@ def _ratio(x, target: str = "") -> str:
 
 
 def _with_unit(value, unit: str) -> str:
-    return f"{fmt(value)} {unit}".strip() if unit and value is not None else fmt(value)
+    text = fmt(value)
+    return f"{text} {unit}" if unit and text not in ("-", "n/a") else text
 
 
 def format_table(rows: list[dict]) -> str:

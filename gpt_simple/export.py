@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from gpt_simple.checkpoint import (COMMITTED, CheckpointError, list_committed, load_model_state, meta_tokenizer,
+from gpt_simple.checkpoint import (COMMITTED, META, CheckpointError, list_committed, load_model_state, meta_tokenizer,
                                    model_config_from_meta, read_meta)
 from gpt_simple.config import ModelConfig
+from gpt_simple.run_dir import RunDir
 
 OURS_WEIGHTS, OURS_CONFIG = "gpt_simple.safetensors", "gpt_simple.json"
 HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
@@ -44,11 +45,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / COMMITTED).exists():
         return path
-    for root in (path / "checkpoints", path):
+    for root in (RunDir(path).checkpoints, path):
         found = list_committed(root)
         if found:
             return found[-1].path
-    if path.name.startswith(".tmp-") or (path / "meta.json").exists():
+    if path.name.startswith(".tmp-") or (path / META).exists():
         raise ExportError(f"{path}: not a committed checkpoint (no {COMMITTED} marker: the save did not finish)")
     raise ExportError(f"{path}: no committed checkpoint here (expected a checkpoints/step-N directory or a run "
                       f"directory that has one)")

@@ -5,9 +5,18 @@ Each has an id recorded in the shards, a vocabulary size and an end-of-document 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
 
 import numpy as np
+
+
+def _optional(module: str, spec: str):
+    """An optional library a tokenizer needs, or a one-line error saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"tokenizer '{spec}' needs the {module} package (pip install {module})") from None
 
 
 class ByteTokenizer:
@@ -24,10 +33,7 @@ class ByteTokenizer:
 
 class TiktokenTokenizer:
     def __init__(self, name: str):
-        try:
-            import tiktoken
-        except ImportError:
-            raise ValueError("tokenizer 'tiktoken:...' needs the tiktoken package (pip install tiktoken)") from None
+        tiktoken = _optional("tiktoken", "tiktoken:...")
         try:
             self._enc = tiktoken.get_encoding(name)
         except Exception as e:  # noqa: BLE001 - unknown name, or its BPE file cannot be downloaded/read
@@ -46,10 +52,7 @@ class TiktokenTokenizer:
 
 class HFTokenizer:
     def __init__(self, path: str):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError("tokenizer 'hf:FILE' needs the tokenizers package (pip install tokenizers)") from None
+        Tokenizer = _optional("tokenizers", "hf:FILE").Tokenizer
         try:
             raw = Path(path).read_bytes()
         except OSError as e:
