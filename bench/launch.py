@@ -76,17 +76,18 @@ def children(pid: int) -> list[int]:
 
 
 class TrainRun:
-    """One launch of the real train.py (or torchrun train.py), observed from outside.
+    """One launch of the real train.py (or torchrun train.py), observed from outside. (`script`: another entry
+    that takes train.py's arguments, bench/gate.py.)
 
     Its console goes to OUT.log beside the output folder. Timestamps are epoch seconds (time.time()).
     """
 
     def __init__(self, out: Path, overrides: list[str] = (), nproc: int = 1, config: Path = BENCH_CONFIG,
-                 threads: int | None = None, name: str = "run"):
+                 threads: int | None = None, name: str = "run", script: Path = TRAIN, args: list[str] = ()):
         self.out, self.nproc, self.name = Path(out), nproc, name
         self.log_path = self.out.parent / f"{self.out.name}.log"
-        base = [PY, str(TRAIN)] if nproc == 1 else \
-            [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(TRAIN)]
+        base = [PY, str(script), *args] if nproc == 1 else \
+            [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
         self.cmd = base + ["--config", str(config), "--training.output_dir", str(self.out), *overrides]
         self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // nproc)
         self.proc: subprocess.Popen | None = None

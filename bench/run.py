@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark, one table (our figure, a baseline measured in the same run, ratio,
 target).
 
-    python bench/run.py                  # everything, 5-15 minutes on 2 cores
+    python bench/run.py                  # everything: about 6 minutes on 2 quiet cores, 20 on busy ones
     python bench/run.py --quick          # fewer repetitions
     python bench/run.py --smoke          # every benchmark once on a small model: does it work? (the tests run it)
     python bench/run.py --only shutdown,resume --json bench.json
@@ -9,7 +9,7 @@ target).
 Benchmarks (each also runs alone as `python bench/NAME.py`):
   throughput  the trainer vs the plain loop (bench/plain_loop.py) in one process, step by step in turns; CPU MFU
               against a matmul ceiling measured between the steps; data-stream wait
-  fsdp2       torchrun 2 ranks vs 1 process, train.py launched one after the other
+  fsdp2       the trainer on 2 ranks (torchrun) vs 1 process, taking turns step by step (bench/gate.py)
   checkpoint  async save blocking vs a synchronous save, GPT-2 124M + AdamW; step time after a save
   shutdown    SIGTERM -> committed checkpoint and exit; the per-step stop agreement
   resume      launch -> first step, resumed vs fresh + load

@@ -26,45 +26,18 @@ throughout, a lower bound on a busy machine.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import ceiling  # noqa: E402
 from bench.cli import Mode, main_for  # noqa: E402
+from bench.gate import DONE, StepGate  # noqa: E402
 from bench.launch import read_jsonl, scratch_dir  # noqa: E402
 from bench.models import load, step_tokens, trainer_in_process  # noqa: E402
 from bench.plain_loop import PlainLoop  # noqa: E402
-from bench.stats import fmt, median, spread  # noqa: E402
+from bench.stats import median, spread  # noqa: E402
 from bench.table import row  # noqa: E402
-
-DONE = "benchmark done"
-
-
-class StepGate:
-    """Stands in for trainer.stop_check. At each step boundary: record the time of the step just finished, run
-    `between(k)` (k = our steps done so far), restart the trainer's metrics window (so that its logged figures
-    cover its own step only), then run the real stop check. Returns DONE after `steps` steps."""
-
-    def __init__(self, trainer, between, steps: int):
-        self.trainer, self.between, self.steps = trainer, between, steps
-        self.check = trainer.stop_check
-        trainer.stop_check = self
-        self.samples: list[float] = []
-        self.mark: float | None = None
-
-    def __call__(self) -> str | None:
-        now = time.perf_counter()
-        if self.mark is not None:
-            self.samples.append(now - self.mark)
-        if len(self.samples) >= self.steps:
-            return DONE
-        self.between(len(self.samples))
-        self.trainer.meter.reset_window()
-        self.mark = time.perf_counter()
-        return self.check()
-
 
 def measure(mode: Mode) -> dict:
     rounds, warmup = mode.pick(8, 4, 2), mode.pick(3, 2, 1)

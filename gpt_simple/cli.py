@@ -14,6 +14,7 @@ commands:
   stop      DIR                                         ask a running job to save and exit
   prepare   INPUT... --out DIR --bucket NAME | --demo DIR   tokenize text into shards
   validate  --config FILE [overrides]                   check config and data demand without training
+  verify    OUTDIR | CHECKPOINT                         check checkpoints against their recorded checksums
   export    CHECKPOINT OUT [--hf]                       consolidated safetensors weights + model config
   generate  --output_dir DIR | --checkpoint PATH        sample text from the newest checkpoint
 """
@@ -62,6 +63,11 @@ def prepare_cmd(argv: list[str]) -> int:
     return prepare_main(argv)
 
 
+def verify_cmd(argv: list[str]) -> int:
+    from gpt_simple.checkpoint.verify import verify_main
+    return verify_main(argv)
+
+
 def export_cmd(argv: list[str]) -> int:
     from gpt_simple.export import export_main
     return export_main(argv)
@@ -73,7 +79,7 @@ def generate_cmd(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": train_main, "status": status_cmd, "stop": stop_cmd, "prepare": prepare_cmd,
-            "validate": validate_cmd, "export": export_cmd, "generate": generate_cmd}
+            "validate": validate_cmd, "verify": verify_cmd, "export": export_cmd, "generate": generate_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:

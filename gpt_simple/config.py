@@ -61,6 +61,8 @@ class DataConfig:
     allow_bucket_exhaustion: bool = doc(False, "When a bucket runs dry: false = save and HALT; true = drop it, renormalise the mix, continue.")
     audit: bool = doc(False, "Append every step's token spans to output_dir/data_audit.jsonl (rank 0).")
     prefetch: int = doc(2, "Batches prepared ahead by a background thread (0 = load in the loop).")
+    max_epochs: int = doc(1, "Passes each bucket may be read (each in a fresh seeded document order); past the last one it is exhausted.")
+    epochs: dict = doc({}, "Per-bucket pass limits overriding max_epochs: {bucket = passes, ...}.")
 
 
 @dataclass
@@ -95,9 +97,11 @@ class TrainingConfig:
     keep_last_k: int = doc(3, "Keep the newest K checkpoints (0 keeps all).")
     keep_milestone_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this (0 = none).")
     async_save: bool = doc(True, "Periodic saves with torch.distributed.checkpoint.async_save (the loop blocks only for staging).")
+    verify_checkpoints: bool = doc(True, "Check a checkpoint's recorded CRC-32 checksums before loading it (a mismatch falls back to the one before); false skips the extra read for very large checkpoints.")
     resume: str = doc("auto", "'auto' (newest committed checkpoint, else fresh), 'scratch', or a checkpoint path.")
     max_runtime_seconds: float = doc(0.0, "Deadline in seconds from process start (0 = SLURM_JOB_END_TIME / GPT_SIMPLE_MAX_RUNTIME / none).")
-    walltime_reserve_seconds: float = doc(60.0, "Time kept before the deadline to write the final checkpoint.")
+    setup_timeout_seconds: float = doc(300.0, "Set-up bound: process-group creation, rendezvous and set-up collectives give up after this many seconds (a resumable, transient failure).")
+    walltime_reserve_seconds: float = doc(60.0, "Time kept before the deadline to write the final checkpoint (raised to 1.5x the measured save time when saves take longer).")
 
 
 @dataclass
@@ -286,6 +290,10 @@ def validate(cfg: Config) -> None:
     _require(d.prefetch >= 0, f"data.prefetch: must be >= 0, got {d.prefetch}")
     _require(bool(d.dir), "data.dir: must name a folder")
     _validate_curriculum(d.curriculum)
+    _require(d.max_epochs >= 1, f"data.max_epochs: must be >= 1, got {d.max_epochs}")
+    for bucket, passes in d.epochs.items():
+        _require(isinstance(passes, int) and not isinstance(passes, bool) and passes >= 1,
+                 f"data.epochs.{bucket}: must be an integer >= 1, got {passes!r}")
 
     _require(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
@@ -298,6 +306,7 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, f"optimizer.grad_clip: must be >= 0, got {o.grad_clip}")
 
     _require(t.max_steps > 0, f"training.max_steps: must be > 0, got {t.max_steps}")
+    _require(t.setup_timeout_seconds > 0, f"training.setup_timeout_seconds: must be > 0, got {t.setup_timeout_seconds}")
     _require(cfg.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {cfg.eval.every_steps}")
     _require(cfg.eval.tokens > 0, f"eval.tokens: must be > 0, got {cfg.eval.tokens}")
     _require(o.warmup_steps < t.max_steps,
@@ -365,6 +374,8 @@ def to_toml(cfg: Config) -> str:
 def _toml_value(value: Any) -> str:
     """One value as TOML, for the reference table."""
     import tomli_w
+    if value == {}:
+        return "{}"  # tomli_w writes an empty table as a [v] header
     return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
 
 

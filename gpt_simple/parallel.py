@@ -56,6 +56,14 @@ def init_distributed(device_choice: str, timeout_s: float = 1800) -> Dist:
     return Dist(rank, local_rank, world_size, device, backend)
 
 
+def set_collective_timeout(timeout_s: float) -> None:
+    """After set-up: collectives of the training loop (a save, an evaluation on one rank) may legitimately wait
+    longer than set-up should. Uses torch's private _set_pg_timeout where it exists (else the set-up bound stays)."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if dist.is_initialized() and setter is not None:
+        setter(datetime.timedelta(seconds=timeout_s))
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -31,6 +31,7 @@ class RunDir:
     config = property(lambda self: self.path / "config.toml")
     audit = property(lambda self: self.path / "data_audit.jsonl")
     logs = property(lambda self: self.path / "logs")
+    lease = property(lambda self: self.path / "LEASE")  # one live job per run: gpt_simple/lease.py
 
     def run_files(self) -> list[Path]:
         """What a run writes: removed by training.resume = 'scratch' with --force (logs/ belong to the

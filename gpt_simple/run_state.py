@@ -40,12 +40,19 @@ class RunState:
             "launches": (previous.get("launches", 0) if previous else 0) + 1,
             "first_started_at": previous.get("first_started_at", now) if previous else now,
             "deadline_source": None, "deadline_at": None, "error": None,
+            # transient failures in a row, and the step of the last one (progress past it resets the count)
+            "transient_failures": previous.get("transient_failures", 0) if previous else 0,
+            "transient_step": previous.get("transient_step") if previous else None,
         }
+        self.previous_step = int(previous.get("step") or 0) if previous else 0
+        self.lease = None  # gpt_simple.lease.Lease of this launch (rank 0): refreshed with every write
 
     def update(self, **fields) -> None:
         if not self.enabled:
             return
         now = time.time()
+        if self.lease is not None:
+            self.lease.refresh()  # LeaseHeld if another job took the run over: stop writing it
         self.state.update(fields, updated_at=now, heartbeat_at=now)
         write_json_atomic(self.path, self.state)
 

@@ -13,7 +13,8 @@ alone): it prints one line, three fields separated by a TAB,
 
 and exits 0 whenever it printed that line (2 on a usage error). WORD is the status word, or NONE (no
 run_state.json in OUTDIR: no run yet) or UNREADABLE (a corrupt state file). ACTION is what to do next, one
-word from ACTIONS below (start, resume, done, halted, failed), and DECISIONS maps each WORD to it. reason is
+word from ACTIONS below (start, resume, done, halted, failed, held), and DECISIONS maps each WORD to it; `held`
+overrides start/resume/failed while a live job holds the run's lease (gpt_simple/lease.py). reason is
 free text on one line (tabs and line breaks become spaces), never empty. A shell reads it with
 `IFS=$'\t' read -r STATUS ACTION REASON`; an orchestrator that finds no such line (python failed to start)
 should act as on `failed`. New outcomes are a new ACTIONS entry and DECISIONS row, plus a branch for them in each
@@ -28,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from gpt_simple.lease import describe as describe_holder
+from gpt_simple.lease import live_holder
 from gpt_simple.run_dir import is_run
 from gpt_simple.run_state import (COMPLETED, CRASHED, ERROR, HALTED, RUNNING, STOPPED, StateFileError,
                                   effective_status, read_state)
@@ -42,6 +45,7 @@ ACTIONS = {
     "done": "the run is finished: stop, successfully",
     "halted": "a data bucket ran dry: stop, a person decides (docs/orchestration.md)",
     "failed": "retrying cannot help: stop, do not resubmit, read the logs",
+    "held": "another live job holds this run (its lease): do not train now; neither success nor failure",
 }
 DECISIONS = {
     NONE: "start",
@@ -86,8 +90,13 @@ def decision(output_dir: Path, now: float | None = None) -> tuple[str, str, str]
     else:
         word, why = effective_status(state, time.time() if now is None else now)
         why = why or state.get("reason")
+    action = DECISIONS.get(word, "failed")
+    holder = live_holder(output_dir, now)
+    if holder is not None and action in ("start", "resume", "failed"):
+        # a live job holds the lease (e.g. the state looks CRASHED from here, but the job is alive elsewhere)
+        action, why = "held", f"another job holds this run: {describe_holder(holder, now)}"
     reason = " ".join(str(why or "").split()) or "no reason recorded"  # one line, no tabs
-    return word, DECISIONS.get(word, "failed"), reason
+    return word, action, reason
 
 
 def runs_below(folder: Path, depth: int = 2) -> list[Path]:

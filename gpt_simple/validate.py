@@ -77,15 +77,16 @@ def check(cfg: Config) -> Report:
         ensure_demo(d.dir, demo_buckets(cfg))
     buckets = open_data(cfg)
     first = next(iter(buckets.values()))
+    from gpt_simple.data import epochs
     stream = DataStream(buckets, d.curriculum, d.seq_len, d.seed, d.allow_bucket_exhaustion,
-                        t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0)
+                        t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0, epochs=epochs(cfg))
     need, g = d.seq_len + 1, t.global_batch_size
     rep(f"data.dir {d.dir}: {len(buckets)} bucket(s), tokenizer {first.tokenizer} (vocabulary {first.vocab_size}, "
         f"model.vocab_size {cfg.model.vocab_size})")
-    rep(f"  {'bucket':<16}{'documents':>12}{'tokens':>16}{'sequences':>12}   (a sequence reads {need} tokens; "
-        f"each document adds 1 end-of-document token)")
+    rep(f"  {'bucket':<16}{'documents':>12}{'tokens':>16}{'sequences':>12}{'passes':>8}   (a sequence reads {need} "
+        f"tokens; each document adds 1 end-of-document token; tokens and sequences count every allowed pass)")
     for name, r in stream.readers.items():
-        rep(f"  {name:<16}{r.bucket.n_docs:>12,}{r.total:>16,}{r.total // need:>12,}")
+        rep(f"  {name:<16}{r.bucket.n_docs:>12,}{r.total:>16,}{r.total // need:>12,}{r.passes:>8}")
 
     state, resumed = _resume_state(cfg, stream)
     done_steps = state["step"]
@@ -125,8 +126,26 @@ def check(cfg: Config) -> Report:
         rep(f"(demand estimated to within one sequence per bucket and phase: {total:,} sequences are too many to "
             f"simulate one by one)")
 
+    _passes(rep, stream, state, demand, need)
     _verdict(rep, actual, demand, capacity, g, start, cfg)
     return rep
+
+
+def _passes(rep: Report, stream, state: dict, demand: Prediction, need: int) -> None:
+    """How many passes over each bucket the planned tokens need, against the limit."""
+    used = stream.passes_used(state)
+    totals: dict[str, int] = {}
+    for row in demand.rows:
+        totals[row.bucket] = totals.get(row.bucket, 0) + row.sequences
+    parts = []
+    for name, r in stream.readers.items():
+        if not r.per_pass or name not in totals:
+            continue
+        passes = used[name] + totals[name] * need / r.per_pass
+        parts.append(f"{name} {passes:.2f} of {r.passes} allowed" + (" (more than allowed)" if passes > r.passes
+                                                                     else ""))
+    if parts:
+        rep(f"passes needed by the run (data.max_epochs / data.epochs): {', '.join(parts)}")
 
 
 def _phase_tables(rep: Report, stream, demand: Prediction, capacity: dict, g: int, need: int, d) -> None:

@@ -11,6 +11,7 @@
 #   halted  (HALTED)                       -> stop, exit 3 (a data bucket ran dry: a human must decide)
 #   failed  (ERROR, CRASHED, unreadable)   -> stop, exit 1, with the status' reason
 #   resume  (STOPPED, RUNNING)             -> run the next attempt (after GPT_SIMPLE_RETRY_DELAY seconds)
+#   held    (another live job holds the run's lease) -> do not train, exit 5 (neither success nor failure)
 #   start   (no run yet)                   -> the first attempt; after an attempt: exit 1 (no state was written)
 # More than GPT_SIMPLE_MAX_ATTEMPTS attempts -> stop, exit 4 (the run is resumable: start the loop again).
 # SIGINT/SIGTERM/SIGUSR1 to this script: the trainer is asked to save and stop, and the loop ends with
@@ -56,6 +57,7 @@ log() {
 finished() {
   case $ACTION in
     start|resume) return 1 ;;
+    held) log "not training: $REASON (another job trains this run; this loop ends)"; EXIT=5 ;;
     done) log "run $STATUS"; EXIT=0 ;;
     halted) log "run HALTED: a data bucket ran dry and a human must decide (see $OUTDIR/HALTED)."
             log "to continue with the remaining buckets: rerun with --data.allow_bucket_exhaustion true"; EXIT=3 ;;

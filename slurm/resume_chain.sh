@@ -27,7 +27,12 @@
 #      being killed hard; the successor re-checks the status before it trains;
 #   3. trains in the background; USR1/USR2/TERM/INT reaching this shell are forwarded to the trainer;
 #      SLURM_JOB_END_TIME (the trainer's deadline) is exported when this Slurm does not set it;
-#   4. asks again: done/halted/failed (or no state at all) cancel the successor; resume (STOPPED) leaves it.
+#   4. asks again: done/halted/failed (or no state at all) cancel the successor; resume (STOPPED) and held
+#      (another live job holds the run's lease) leave it.
+# held at step 1 (a second chain on the same run, e.g. a double sbatch): the job waits up to
+# GPT_SIMPLE_HELD_WAIT seconds (default 600) for the holder to end or go stale (a job killed hard on another
+# node); still held, it ends, exit 0, without training and without queuing a successor, so the duplicate chain
+# ends and the live one goes on.
 #
 # Logs: Slurm's output file (below) gets this script's decisions and a copy of the training output;
 # <output_dir>/logs/slurm-<jobid>.log keeps the training output of each job next to the run, and
@@ -130,9 +135,19 @@ for s in USR1 USR2 TERM INT; do trap "on_signal $s" "$s"; done
 # ---------------------------------------------------------------------------------------------------
 # 1. Is there anything left to do?
 read_status
+# held: another live job holds the run's lease. It may be this chain's previous job, killed hard on another
+# node, whose lease turns stale within the run's stale limit: wait for that (GPT_SIMPLE_HELD_WAIT seconds).
+waited=0
+while [ "$ACTION" = held ] && [ "$waited" -lt "${GPT_SIMPLE_HELD_WAIT:-600}" ]; do
+  [ "$waited" = 0 ] && log "run held: $REASON; waiting up to ${GPT_SIMPLE_HELD_WAIT:-600}s for it to end"
+  sleep 15; waited=$((waited + 15))
+  read_status
+done
 log "start on ${SLURM_JOB_NODELIST:-?} ($SLURM_JOB_NUM_NODES node(s)); run status at start: $STATUS"
 case $ACTION in
   start|resume) ;;
+  held)   log "not training: $REASON; this job ends without training (its successor, if one is queued, checks again)"
+          exit 0 ;;
   done)   log "run already $STATUS; chain ends"; exit 0 ;;
   halted) log "run is HALTED: a human must decide (see $OUTDIR/HALTED); chain ends without training"; exit 0 ;;
   *)      log "run is $STATUS ($REASON); refusing to resume; chain ends"; exit 1 ;;  # failed, or unknown
@@ -213,6 +228,9 @@ rm -f "$LAUNCH_MARK"
 read_status
 log "trainer exited with code $RC; run status: $STATUS"
 case $ACTION in
+  held)  # another job took the run before this one could: not a failure of the run; the successor stays
+    log "trainer did not train: $REASON; successor ${SUCCESSOR:-none} stays queued"
+    exit 0 ;;
   resume)
     if [ -n "$SUCCESSOR" ]; then log "run $STATUS; successor job $SUCCESSOR resumes it"
     else log "run $STATUS but no successor is queued; resubmit to continue"; fi

@@ -17,7 +17,11 @@ import dataclasses
 import json
 import pickle
 import re
+import os
+import threading
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,13 @@ from gpt_simple.config import ConfigError, ModelConfig
 
 COMMITTED = "COMMITTED"
 META = "meta.json"
+# {"algorithm": "crc32", "block_bytes": B, "files": {relative path: {"bytes": n, "crc32": [hex per B-byte block]}}}
+CHECKSUMS = "CHECKSUMS.json"
+CHECKSUM_PART = ".checksums-rank-{rank}.json"  # one rank's fragment, merged into CHECKSUMS at the commit
+CHECKSUM_ALGORITHM = "crc32"
+CHECKSUM_BLOCK = 32 << 20  # one CRC per block: blocks are checked in parallel threads (zlib releases the GIL)
+_HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+_buffers = threading.local()
 META_FORMAT = 2
 KINDS = {"periodic": "", "shutdown": "-shutdown", "final": "-final"}
 NAME_RE = re.compile(r"^step-(\d+)(-shutdown|-final)?$")
@@ -123,6 +134,120 @@ def _upgrade_meta(old: dict) -> dict:
             "data": data,
             "model": {"architecture": old.get("architecture"), "arch_hash": old.get("arch_hash"),
                       "optimizer_state": old.get("optimizer_state", True)}}
+
+
+# -- integrity ------------------------------------------------------------------------------------------------
+class ChecksumMismatch(CheckpointError):
+    """A committed checkpoint's file whose bytes are not those recorded at the commit."""
+
+    def __init__(self, message: str, file: str):
+        super().__init__(message)
+        self.file = file
+
+
+def _block_crc(path: Path, offset: int) -> str:
+    """CRC-32 of one block, read into this thread's reused buffer (no fresh allocation per block)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(CHECKSUM_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        n = 0
+        while n < CHECKSUM_BLOCK:
+            got = f.readinto(view[n:])
+            if not got:
+                break
+            n += got
+    return f"{zlib.crc32(view[:n]):08x}"
+
+
+def checksum_files(root: Path, names) -> dict[str, dict]:
+    """{name: {"bytes": n, "crc32": [hex per CHECKSUM_BLOCK bytes]}} of files under `root`, their blocks hashed
+    by a few threads. CRC-32 detects every burst error up to 32 bits (a flipped bit or byte included) and runs at
+    several GB/s; it guards against storage and copy damage, not against someone forging a checkpoint."""
+    root = Path(root)
+    sizes = {name: (root / name).stat().st_size for name in names}
+    jobs = [(name, off) for name, size in sizes.items() for off in range(0, max(size, 1), CHECKSUM_BLOCK)]
+    if len(jobs) > 1 and _HASH_THREADS > 1:
+        with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="checksum") as pool:
+            crcs = list(pool.map(lambda job: _block_crc(root / job[0], job[1]), jobs))
+    else:
+        crcs = [_block_crc(root / name, off) for name, off in jobs]
+    out: dict[str, dict] = {name: {"bytes": size, "crc32": []} for name, size in sizes.items()}
+    for (name, _), crc in zip(jobs, crcs):
+        out[name]["crc32"].append(crc)
+    return out
+
+
+def file_checksum(path: Path) -> dict:
+    """{"bytes": n, "crc32": [hex per block]} of one file."""
+    path = Path(path)
+    return checksum_files(path.parent, [path.name])[path.name]
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """Every file of a checkpoint directory that its checksums cover (not COMMITTED, CHECKSUMS, fragments)."""
+    path = Path(path)
+    skip = {COMMITTED, CHECKSUMS}
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                  if f.is_file() and f.name not in skip and not f.name.startswith(".checksums-rank-"))
+
+
+def read_checksums(path: Path) -> dict[str, dict] | None:
+    """The recorded checksums of a checkpoint ({relative path: {"crc32", "bytes"}}), or None for a checkpoint
+    saved before checksums existed. An unreadable CHECKSUMS file is damage (CheckpointError)."""
+    file = Path(path) / CHECKSUMS
+    if not file.exists():
+        return None
+    try:
+        record = json.loads(file.read_text())
+        files = record["files"]
+        if record.get("algorithm") != CHECKSUM_ALGORITHM or record.get("block_bytes") != CHECKSUM_BLOCK or \
+                not isinstance(files, dict):
+            raise ValueError(f"unknown algorithm {record.get('algorithm')!r} / block size {record.get('block_bytes')}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: unreadable checksums ({describe_error(e)})") from None
+    return files
+
+
+def verify_files(path: Path, expected: dict[str, dict], names=None) -> None:
+    """Check `names` (default: every recorded file) against `expected`; ChecksumMismatch names the first file
+    whose size or CRC differs, or that is missing."""
+    path = Path(path)
+    names = sorted(expected if names is None else names)
+    for name in names:
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError as e:
+            raise ChecksumMismatch(f"{file}: unreadable ({describe_error(e)})", name) from None
+        if size != expected[name].get("bytes"):
+            raise ChecksumMismatch(f"{file}: checksum mismatch ({size} bytes, {expected[name].get('bytes')} "
+                                   f"recorded)", name)
+    try:
+        got = checksum_files(path, names)
+    except OSError as e:
+        raise ChecksumMismatch(f"{path}: unreadable ({describe_error(e)})", "") from None
+    for name in names:
+        want = expected[name].get("crc32") or []
+        for i, (a, b) in enumerate(zip(got[name]["crc32"], want)):
+            if a != b:
+                raise ChecksumMismatch(f"{path / name}: checksum mismatch (crc32 {a}, {b} recorded, in bytes "
+                                       f"{i * CHECKSUM_BLOCK}-{min((i + 1) * CHECKSUM_BLOCK, got[name]['bytes'])})",
+                                       name)
+        if len(got[name]["crc32"]) != len(want):
+            raise ChecksumMismatch(f"{path / name}: checksum mismatch (block count)", name)
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """Verify every file of a committed checkpoint against its CHECKSUMS (ChecksumMismatch / CheckpointError);
+    False when it has no checksums (saved before they existed), True when verified."""
+    expected = read_checksums(path)
+    if expected is None:
+        return False
+    verify_files(path, expected)
+    return True
 
 
 def meta_tokenizer(meta: dict) -> str | None:

@@ -23,9 +23,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from gpt_simple.checkpoint.files import (COMMITTED, CORRUPT_PREFIX, DCP_ERRORS, META, META_FORMAT, NAME_RE, CheckpointError,
-                                         CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner, checkpoint_name,
-                                         describe_error, list_committed, read_dcp_metadata, read_meta)
+from gpt_simple.checkpoint.files import (CHECKSUM_ALGORITHM, CHECKSUM_BLOCK, CHECKSUM_PART, CHECKSUMS, COMMITTED,
+                                         CORRUPT_PREFIX, DCP_ERRORS, META, META_FORMAT, NAME_RE, CheckpointError,
+                                         CheckpointInfo,
+                                         SafeFileSystemReader, SafeLoadPlanner, checkpoint_files, checkpoint_name,
+                                         checksum_files, describe_error, list_committed, read_checksums,
+                                         read_dcp_metadata, read_meta, verify_files)
 from gpt_simple.config import ConfigError
 from gpt_simple.data.curriculum import DataError
 from gpt_simple.run_dir import fsync_dir, write_durable
@@ -43,14 +46,26 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 
 class _Writer(FileSystemWriter):
-    """FileSystemWriter (fsyncs every file) with the optional test delay before writing."""
+    """FileSystemWriter (fsyncs every file) with the optional test delay before writing. After writing, each rank
+    checksums the files it wrote (in the write thread of an async save: off the loop) into a fragment that the
+    commit merges into CHECKSUMS.json."""
+
+    def __init__(self, path: str, rank: int):
+        super().__init__(path)
+        self.gpt_rank = rank
 
     def write_data(self, plan, planner):
         one_thread_here()  # an async save writes from DCP's thread
         delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
         if delay > 0:
             time.sleep(delay)
-        return super().write_data(plan, planner)
+        future = super().write_data(plan, planner)
+        results = future.wait() if hasattr(future, "wait") else future.result()  # resolved: written above
+        names = sorted({r.storage_data.relative_path for r in results
+                        if hasattr(r.storage_data, "relative_path")})
+        write_durable(Path(self.path) / CHECKSUM_PART.format(rank=self.gpt_rank),
+                      json.dumps(checksum_files(Path(self.path), names)))
+        return future
 
 
 def _stager_class():
@@ -70,6 +85,19 @@ def _stager_class():
             return super()._stage(state_dict, **kwargs)
 
     return _Stager
+
+
+def _is_dcp_file(name: str) -> bool:
+    """A file DCP writes and reads (shards, .metadata), as opposed to gpt-simple's own JSON."""
+    return name.endswith(".distcp") or Path(name).name.startswith(".metadata") or name.endswith(".metadata")
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MB"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _remove_all(paths: list[Path]) -> None:
@@ -92,8 +120,11 @@ class CheckpointManager:
     a commit (events, status, metrics) is the caller's business."""
 
     def __init__(self, root: Path, parts: dict, device: torch.device, rank: int, keep_last_k: int = 3,
-                 keep_milestone_every: int = 0):
+                 keep_milestone_every: int = 0, verify: bool = True):
         self.root, self.parts, self.device, self.rank = Path(root), parts, device, rank
+        self.verify = verify  # check a checkpoint's CHECKSUMS before loading it (training.verify_checkpoints)
+        self.last_bytes: int | None = None  # size of the newest committed save: what the next one needs
+        self._space_warned = False
         self.keep_last_k, self.keep_milestone_every = keep_last_k, keep_milestone_every
         self.pending: _Pending | None = None
         self.last_saved_step: int | None = None
@@ -125,6 +156,40 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
         return removed
+
+    # -- disk space -------------------------------------------------------------------------------------
+    def free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        except OSError:
+            return None
+
+    def expected_bytes(self) -> int | None:
+        """What the next save needs: the size of the last committed checkpoint (this launch's, else the newest
+        on disk); None before any."""
+        if self.last_bytes is None and self.rank == 0:
+            ckpts = self.committed()
+            if ckpts:
+                try:
+                    self.last_bytes = _dir_bytes(ckpts[-1].path)
+                except OSError:
+                    pass
+        return self.last_bytes
+
+    def space_warning(self) -> str | None:
+        """A warning with figures when the next save will not fit in the checkpoints folder's free space (rank 0;
+        the caller logs it)."""
+        if self.rank != 0:
+            return None
+        need, free = self.expected_bytes(), self.free_bytes()
+        short = need is not None and free is not None and free < need
+        if not short or self._space_warned:  # once until it fits again
+            self._space_warned = short
+            return None
+        self._space_warned = True
+        return (f"the next checkpoint needs about {_mb(need)} (the size of the last one) but {self.root} has "
+                f"{_mb(free)} free: the save will fail unless space is freed (lower training.keep_last_k, or move "
+                f"the run)")
 
     def committed(self) -> list[CheckpointInfo]:
         return list_committed(self.root)
@@ -183,6 +248,9 @@ class CheckpointManager:
         info = CheckpointInfo(self.root / checkpoint_name(step, kind), step, kind)
         tmp = self.root / f".tmp-{info.name}"
         started = time.perf_counter()
+        warning = self.space_warning()
+        if warning:
+            log.warning(f"before saving {info.name}: {warning}")
         error: BaseException | None = None
         if self.rank == 0:
             try:
@@ -200,7 +268,7 @@ class CheckpointManager:
             for name, part in self._scoped("rank").items():
                 write_durable(tmp / name / f"rank-{self.rank}.json", json.dumps(part.state_dict()))
             state, _ = self._tensors()
-            writer = _Writer(str(tmp))
+            writer = _Writer(str(tmp), self.rank)
             if asynchronous:
                 stager = self.stager()
                 response = dcp.async_save(state, storage_writer=writer, **self._scope(),
@@ -257,9 +325,24 @@ class CheckpointManager:
         return self._commit()
 
     def _raise_failed(self, info: CheckpointInfo, tmp: Path, error: BaseException | None):
+        """Every rank has stopped writing (an agreement came first): rank 0 removes the partial directory, and
+        every rank raises one line: which checkpoint, the error, bytes needed against bytes free."""
         reason = describe_error(error) if error else "a write failed on another rank"
-        raise CheckpointError(f"saving {info.name} failed ({reason}); the previous checkpoints are untouched "
-                              f"and {tmp} will be removed at the next start")
+        removed = "was removed"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.exists():
+                removed = "could not be removed (the next start will)"
+        if dist.is_initialized():
+            dist.barrier(group=self.group)
+        need, free = self.expected_bytes(), self.free_bytes()
+        space = f"; needs about {_mb(need)}, {_mb(free)} free" if need is not None and free is not None else \
+            (f"; {_mb(free)} free" if free is not None else "")
+        newest = self.committed()
+        kept = f"the committed checkpoints are untouched (newest: {newest[-1].name})" if newest else \
+            "no checkpoint was committed before"
+        raise CheckpointError(f"saving {info.name} failed ({reason}{space}); {kept}; the partial {tmp.name} "
+                              f"{removed}")
 
     def _commit(self) -> dict:
         """Agree that every rank's write succeeded, then mark and rename (rank 0). Runs in the loop: its time
@@ -273,7 +356,8 @@ class CheckpointManager:
         size, replaced = None, None
         if self.rank == 0:
             try:
-                size = sum(f.stat().st_size for f in p.tmp.rglob("*") if f.is_file())
+                self._write_checksums(p.tmp)
+                size = _dir_bytes(p.tmp)
                 write_durable(p.tmp / COMMITTED, json.dumps({"committed_at": time.time()}))
                 fsync_dir(p.tmp)
                 if p.info.path.exists():  # same name saved again (after resuming an older checkpoint)
@@ -291,11 +375,25 @@ class CheckpointManager:
         total = time.perf_counter() - p.started
         self.last_save_seconds = total
         self.last_committed = p.info
+        if size is not None:
+            self.last_bytes = size
         record = {"checkpoint": p.info.name, "step": p.info.step, "type": p.info.kind, "async": p.asynchronous,
                   "blocking_s": p.blocked, "total_s": total, "bytes": size}
         log.info(f"checkpoint {p.info.name} committed ({'async' if p.asynchronous else 'sync'}: loop blocked "
                  f"{p.blocked:.2f}s, total {total:.2f}s)")
         return record
+
+    def _write_checksums(self, tmp: Path) -> None:
+        """CHECKSUMS.json: every file of the checkpoint. The ranks' fragments cover the tensor files (hashed by
+        the write threads); rank 0 hashes the rest (meta.json, per-rank JSON, DCP's .metadata: small)."""
+        files: dict[str, dict] = {}
+        for part in sorted(tmp.glob(CHECKSUM_PART.format(rank="*"))):
+            files.update(json.loads(part.read_text()))
+            part.unlink()
+        rest = [name for name in checkpoint_files(tmp) if name not in files]
+        files.update(checksum_files(tmp, rest))
+        write_durable(tmp / CHECKSUMS, json.dumps({"algorithm": CHECKSUM_ALGORITHM, "block_bytes": CHECKSUM_BLOCK,
+                                                   "files": files}, sort_keys=True))
 
     def _trash_name(self, name: str) -> Path:
         return self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
@@ -324,6 +422,8 @@ class CheckpointManager:
 
         A part that refuses the checkpoint (ConfigError, DataError: another architecture, other data) is a
         user-facing incompatibility, raised at once; anything else is damage (CheckpointError)."""
+        read_dcp_metadata(info.path)  # first: a malicious pickle is refused as such (allow-list unpickler)
+        self._verify(info, tensors=False)  # meta.json and the per-rank JSON, before any part reads them
         meta = read_meta(info.path)
         try:
             for name, part in self._scoped("sharded").items():
@@ -335,13 +435,15 @@ class CheckpointManager:
             raise type(e)(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{info.path}: unusable {META} ({describe_error(e)})") from None
-        read_dcp_metadata(info.path)
         state, keys = self._tensors()
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
                      **self._scope())
         except DCP_ERRORS as e:
             raise CheckpointError(f"{info.path}: cannot read the checkpoint ({describe_error(e)})") from None
+        # DCP's files are checked after DCP has read them (safely) into `state`, before any part takes them: the
+        # bytes are in the page cache by then, and a file refused by the safe readers keeps that reason
+        self._verify(info, tensors=True)
         for name, part in self._scoped("sharded").items():
             part.load_state_dict({k: state[k] for k in keys[name]})
         for name, part in self._scoped("rank").items():
@@ -352,6 +454,30 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}: unusable ({describe_error(e)})") from None
         self.last_saved_step = meta["step"]
         self.last_committed = info
+
+    def _verify(self, info: CheckpointInfo, tensors: bool) -> None:
+        """Check the checkpoint's files against CHECKSUMS.json: its JSON files (tensors=False) or DCP's files
+        (tensors=True). Each rank checks every world-th file, and the ranks agree (the first failure, which names
+        the file, is raised on every rank). A checkpoint saved before checksums existed is not checked. Off with
+        verify=False."""
+        if not self.verify:
+            return
+        error: str | None = None
+        try:
+            expected = read_checksums(info.path)
+            if expected is not None:
+                world = dist.get_world_size(self.group) if not self.solo else 1
+                rank = dist.get_rank(self.group) if not self.solo else 0
+                names = sorted(n for n in expected if _is_dcp_file(n) == tensors)
+                verify_files(info.path, expected, names[rank::world])
+        except CheckpointError as e:
+            error = str(e)
+        if not self.solo:
+            gathered: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(gathered, error, group=self.group)
+            error = next((e for e in gathered if e), None)
+        if error:
+            raise CheckpointError(error)
 
     def load_latest(self, candidates: list[CheckpointInfo]) -> tuple[CheckpointInfo, list[tuple[str, str]]]:
         """Load the newest candidate that every rank can load; (the one loaded, [(name, error) of the newer
@@ -393,6 +519,22 @@ class CheckpointManager:
                     log.warning(f"could not move {info.path} aside ({e})")
         if dist.is_initialized():
             dist.barrier()
+
+    def abandon(self) -> None:
+        """On the way out after a failure: let this rank's write in flight finish (it holds the staged copy, not
+        the loop), then remove its partial directory (rank 0) instead of leaving it for the next start. No
+        collective: the other ranks may be gone."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        if p.future is not None and hasattr(p.future, "result"):
+            try:
+                p.future.result(timeout=60)  # bounded: with a peer gone its collectives never finish
+            except BaseException:  # noqa: BLE001 - a failed or stuck write: the directory goes anyway
+                pass
+        if self.rank == 0:
+            shutil.rmtree(p.tmp, ignore_errors=True)
+            log.info(f"removed the partial checkpoint {p.tmp.name} of the save in flight")
 
     def close(self) -> None:
         self.wait()

@@ -60,4 +60,15 @@ def build_stream(cfg: Config, rank: int, world_size: int) -> "DataStream":
     buckets = open_data(cfg)
     return DataStream(buckets, cfg.data.curriculum, cfg.data.seq_len, cfg.data.seed,
                       cfg.data.allow_bucket_exhaustion, cfg.training.global_batch_size,
-                      cfg.training.micro_batch_size, rank, world_size, cfg.data.prefetch)
+                      cfg.training.micro_batch_size, rank, world_size, cfg.data.prefetch, epochs(cfg))
+
+
+def epochs(cfg: Config) -> dict[str, int]:
+    """Pass limit per bucket: data.epochs where it names the bucket, else data.max_epochs."""
+    from gpt_simple.data.shards import bucket_dirs
+    buckets = [p.name for p in bucket_dirs(Path(cfg.data.dir))] if Path(cfg.data.dir).is_dir() else []
+    unknown = sorted(set(cfg.data.epochs) - set(buckets))
+    if unknown:
+        raise DataError(f"data.epochs: unknown bucket {unknown[0]!r} (buckets in data.dir: "
+                        f"{', '.join(buckets) or 'none'})")
+    return {b: int(cfg.data.epochs.get(b, cfg.data.max_epochs)) for b in buckets}

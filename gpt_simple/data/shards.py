@@ -128,7 +128,9 @@ class ShardWriter:
 class Shard:
     """One memory-mapped shard, checked against its header."""
 
-    def __init__(self, idx_path: Path):
+    def __init__(self, idx_path: Path, check_offsets: bool = True):
+        """check_offsets=False checks only the first and last offset (O(1), for a reader that must not touch
+        every document at start-up: the stream's index build checks the rest)."""
         self.idx_path = Path(idx_path)
         self.bin_path = self.idx_path.with_suffix(".bin")
         try:
@@ -144,8 +146,9 @@ class Shard:
             raise ShardError(f"{self.idx_path}: index is {what} ({idx_size} bytes, {expected} expected for "
                              f"{h.n_docs} documents)")
         self.offsets = np.memmap(self.idx_path, dtype="<i8", mode="r", offset=HEADER_BYTES, shape=(h.n_docs + 1,))
-        lengths = np.diff(np.asarray(self.offsets))
-        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != h.n_tokens or (lengths < 0).any():
+        lengths = np.diff(np.asarray(self.offsets)) if check_offsets else None
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != h.n_tokens or \
+                (lengths is not None and (lengths < 0).any()):
             raise ShardError(f"{self.idx_path}: document offsets are inconsistent with the header (corrupt index)")
         itemsize = np.dtype(DTYPES[h.dtype]).itemsize
         if not self.bin_path.exists():
@@ -160,6 +163,8 @@ class Shard:
         self._lengths = lengths
 
     def doc_lengths(self) -> np.ndarray:
+        if self._lengths is None:
+            self._lengths = np.diff(np.asarray(self.offsets))
         return self._lengths
 
 
@@ -172,7 +177,7 @@ class Bucket:
         paths = sorted(self.folder.glob("*.idx"))
         if not paths:
             raise ShardError(f"{self.folder}: bucket has no shards (*.idx)")
-        self.shards = [Shard(p) for p in paths]
+        self.shards = [Shard(p, check_offsets=False) for p in paths]
         first = self.shards[0].header
         for s in self.shards[1:]:
             h = s.header
@@ -181,18 +186,21 @@ class Bucket:
                                  f"from {first.tokenizer!r} (vocab {first.vocab_size}, eos {first.eos}) in "
                                  f"{self.shards[0].idx_path.name}: a bucket holds one tokenizer's shards")
         self.tokenizer, self.vocab_size, self.eos = first.tokenizer, first.vocab_size, first.eos
-        self.lengths = np.concatenate([s.doc_lengths() for s in self.shards]).astype(np.int64)
         counts = [s.header.n_docs for s in self.shards]
         self._shard_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n_docs = int(sum(counts))
+        self.n_tokens = int(sum(s.header.n_tokens for s in self.shards))  # without the EOS the reader adds
+        self._lengths = None
 
     @property
-    def n_docs(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def n_tokens(self) -> int:
-        """Document tokens, without the end-of-document token the reader adds after each."""
-        return int(self.lengths.sum())
+    def lengths(self) -> np.ndarray:
+        """Every document's length (int64, 8 bytes per document: computed on first use; the stream does not
+        use it, see data/index.py)."""
+        if self._lengths is None:
+            self._lengths = np.concatenate([s.doc_lengths() for s in self.shards]).astype(np.int64)
+            if (self._lengths < 0).any():
+                raise ShardError(f"{self.folder}: document offsets are inconsistent with the header (corrupt index)")
+        return self._lengths
 
     def document(self, doc: int, start: int = 0, end: int | None = None) -> np.ndarray:
         """Tokens [start, end) of global document `doc`."""

@@ -7,46 +7,92 @@ reads the same tokens in the same order.
 
 Each bucket is read as its documents in a seeded permutation, each document followed by an end-of-document
 token; a sequence is seq_len + 1 consecutive tokens of one bucket (inputs and shifted targets). A bucket is
-read once: running out is exhaustion (see curriculum.py), not a new epoch.
+read at most its pass limit (data.max_epochs / data.epochs, default once), each pass in a fresh seeded order;
+running out is exhaustion (see curriculum.py). The orders live on disk (index.py), memory-mapped.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
+import os
 import queue
+import struct
 import threading
 import time
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from gpt_simple.data.curriculum import BucketExhausted, DataError, Schedule, nothing_left, resolve_phases
-from gpt_simple.data.shards import Bucket
+from gpt_simple.data.index import IndexCorrupt, Order, bucket_key, open_order, permutation
+from gpt_simple.data.shards import DTYPES, HEADER_BYTES, Bucket
 from gpt_simple.runtime import one_thread_here
 
-Span = tuple  # (bucket, doc, token_start, token_end): tokens of the document followed by its EOS
+Span = tuple  # (bucket, doc, token_start, token_end[, pass]): tokens of the document followed by its EOS; the
+#              pass (0-based) is appended from the second pass on, so single-pass spans keep their format
+
+CURSOR_VERSION = 2  # 1: no "cursor_version" key, single pass; 2: cursor positions count across passes
 
 
-def bucket_permutation(name: str, n_docs: int, seed: int) -> np.ndarray:
-    # Seed from (data.seed, bucket name) so adding a bucket does not reshuffle the others.
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(n_docs)
+def bucket_permutation(name: str, n_docs: int, seed: int, pass_: int = 0) -> np.ndarray:
+    # Seed from (data.seed, bucket name[, pass]) so adding a bucket does not reshuffle the others.
+    return permutation(name, n_docs, seed, pass_)
 
 
 class BucketReader:
-    """Cursor over one bucket: position in its document permutation + offset inside that document."""
+    """Cursor over one bucket: [position, offset inside that document], the position counting documents across
+    passes (pass = position // n_docs, each pass in its own seeded order, read from its on-disk index)."""
 
-    def __init__(self, bucket: Bucket, seed: int):
-        self.bucket = bucket
-        self.perm = bucket_permutation(bucket.name, bucket.n_docs, seed)
-        sizes = bucket.lengths[self.perm] + 1  # + end-of-document token
-        self.ends = np.cumsum(sizes)  # tokens consumed once document perm[i] is done
-        self.total = int(self.ends[-1]) if len(self.ends) else 0
+    def __init__(self, bucket: Bucket, seed: int, passes: int = 1):
+        self.bucket, self.seed, self.passes = bucket, seed, passes
+        self.n_docs = bucket.n_docs
+        self.per_pass = bucket.n_tokens + bucket.n_docs  # + an end-of-document token per document
+        self.total = self.per_pass * passes
+        self._orders: dict[int, Order] = {}
+        self._lock = threading.Lock()
+        self._key: str | None = None
+        self._starts = bucket._shard_start.tolist()
+        self._fds: list | None = None
+
+    def order(self, pass_: int, bad: Order | None = None) -> Order:
+        """The memory-mapped order of one pass (built on first use by one process; see index.py)."""
+        with self._lock:
+            o = self._orders.get(pass_)
+            if o is not None and o is not bad:
+                return o
+            if self._key is None:
+                self._key = bucket_key(self.bucket)
+            o = open_order(self.bucket, self.seed, pass_, self._key, bad.inode if bad is not None else None)
+            for p in [p for p in self._orders if p < pass_ - 1]:  # keep the previous pass; older ones are
+                del self._orders[p]                               # unmapped when no thread uses them
+            self._orders[pass_] = o
+            return o
+
+    def _with_order(self, pass_: int, fn):
+        order = self.order(pass_)
+        try:
+            return fn(order)
+        except IndexCorrupt:  # a damaged file is never used: rebuild it and read again
+            return fn(self.order(pass_, bad=order))
+
+    @property
+    def perm(self) -> np.ndarray:
+        return self.order(0).perm
+
+    def close(self) -> None:
+        with self._lock:
+            for o in self._orders.values():
+                o.close()
+            self._orders.clear()
 
     def consumed(self, cursor: list[int]) -> int:
         pos, offset = cursor
-        return (int(self.ends[pos - 1]) if pos > 0 else 0) + offset
+        if self.n_docs == 0:
+            return offset
+        p, i = divmod(pos, self.n_docs)
+        before = self._with_order(p, lambda o: o.end_before(i)) if i else 0
+        return p * self.per_pass + before + offset
 
     def remaining(self, cursor: list[int]) -> int:
         return self.total - self.consumed(cursor)
@@ -54,24 +100,92 @@ class BucketReader:
     def take(self, cursor: list[int], n: int) -> tuple[list[Span], list[int]]:
         """Spans covering the next n tokens, and the cursor after them (caller checks remaining() first)."""
         pos, offset = cursor
-        spans = []
+        spans: list[Span] = []
         while n > 0:
-            doc = int(self.perm[pos])
-            size = int(self.bucket.lengths[doc]) + 1
-            end = min(size, offset + n)
-            spans.append((self.bucket.name, doc, offset, end))
-            n -= end - offset
-            pos, offset = (pos + 1, 0) if end == size else (pos, end)
+            p, i = divmod(pos, self.n_docs)
+            got, pos, offset = self._with_order(p, lambda o: self._take_in_pass(o, p, i, offset, n, spans))
+            n -= got
         return spans, [pos, offset]
 
+    def _take_in_pass(self, o: Order, p: int, i: int, offset: int, n: int, spans: list) -> tuple[int, int, int]:
+        nd = self.n_docs
+        base = o.end_before(i)
+        start, goal = base + offset, base + offset + n
+        width = 64
+        while True:
+            hi = min(i + width, nd)
+            o.check(i, hi)
+            ends = o.ends[i:hi]
+            if ends[-1] >= goal or hi == nd:
+                break
+            width *= 8
+        k = min(int(np.searchsorted(ends, goal, side="left")), len(ends) - 1)
+        docs = o.perm[i:i + k + 1].tolist()
+        doc_ends = ends[:k + 1].tolist()
+        first = len(spans)
+        prev = base
+        name = self.bucket.name
+        for doc, e in zip(docs, doc_ends):
+            size = e - prev
+            spans.append((name, doc, 0, size) if p == 0 else (name, doc, 0, size, p))
+            prev = e
+        last_end = doc_ends[-1]
+        stop = min(goal, last_end)
+        # the first span starts at the cursor's offset, the last one stops at the goal
+        s0 = spans[first]
+        spans[first] = (s0[0], s0[1], offset) + s0[3:]
+        if goal < last_end:
+            lk = spans[-1]
+            doc_start = last_end - (lk[3])
+            spans[-1] = (lk[0], lk[1], lk[2], goal - doc_start) + lk[4:]
+            new_pos, new_off = p * nd + i + k, goal - doc_start
+        else:
+            new_pos, new_off = p * nd + i + k + 1, 0
+        return stop - start, new_pos, new_off
+
+    def _files(self) -> list[tuple[int, int, np.dtype]]:
+        """Per shard: the .idx and .bin file descriptors and the token dtype (opened on first use)."""
+        if self._fds is None:
+            self._fds = [(os.open(sh.idx_path, os.O_RDONLY), os.open(sh.bin_path, os.O_RDONLY),
+                          np.dtype(DTYPES[sh.header.dtype]).newbyteorder("<")) for sh in self.bucket.shards]
+        return self._fds
+
     def tokens(self, spans: list[Span]) -> np.ndarray:
-        parts = []
-        for _, doc, start, end in spans:
-            length = int(self.bucket.lengths[doc])
-            parts.append(np.asarray(self.bucket.document(doc, start, min(end, length)), dtype=np.int64))
+        """The tokens of the spans (EOS included), read with pread: documents are read at random, and a
+        memory map would leave every page (and, on kernels with large page-cache folios, megabytes around it)
+        mapped in this rank's resident memory; pread leaves them in the shared page cache only."""
+        out = np.empty(sum(span[3] - span[2] for span in spans), dtype=np.int64)
+        files, starts, one = self._files(), self._starts, len(self._starts) == 2
+        at, eos = 0, self.bucket.eos
+        for span in spans:
+            doc, start, end = span[1], span[2], span[3]
+            s = 0 if one else bisect_right(starts, doc) - 1
+            fi, fb, dtype = files[s]
+            a, b = _TWO_OFFSETS.unpack(os.pread(fi, 16, HEADER_BYTES + 8 * (doc - starts[s])))
+            length = b - a
+            if end > length + 1:
+                raise DataError(f"bucket {self.bucket.name!r}: document {doc} has {length} tokens but its index "
+                                f"says more: the order file is stale (delete {self.bucket.folder}/.index)")
+            n = min(end, length) - start
+            if n > 0:
+                size = dtype.itemsize
+                out[at:at + n] = np.frombuffer(os.pread(fb, n * size, (a + start) * size), dtype=dtype)
+                at += n
             if end > length:
-                parts.append(np.array([self.bucket.eos], dtype=np.int64))
-        return np.concatenate(parts)
+                out[at] = eos
+                at += 1
+        return out
+
+    def __del__(self):
+        for fi, fb, _ in self._fds or ():
+            for fd in (fi, fb):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+_TWO_OFFSETS = struct.Struct("<qq")
 
 
 @dataclass
@@ -93,8 +207,11 @@ class Batch:
 class DataStream:
     def __init__(self, buckets: dict[str, Bucket], curriculum: list, seq_len: int, seed: int,
                  allow_exhaustion: bool, global_batch: int, micro_batch: int, rank: int, world_size: int,
-                 prefetch: int = 2):
-        self.readers = {name: BucketReader(b, seed) for name, b in buckets.items()}
+                 prefetch: int = 2, epochs: int | dict[str, int] = 1):
+        """epochs: how many passes each bucket may be read (one number for all, or {bucket: passes}; a bucket
+        not named gets 1)."""
+        self.epochs = {name: (epochs if isinstance(epochs, int) else int(epochs.get(name, 1))) for name in buckets}
+        self.readers = {name: BucketReader(b, seed, self.epochs[name]) for name, b in buckets.items()}
         self.phases = resolve_phases(curriculum, {n: r.total for n, r in self.readers.items()})
         self.seq_len, self.allow_exhaustion = seq_len, allow_exhaustion
         self.global_batch, self.micro_batch = global_batch, micro_batch
@@ -107,7 +224,7 @@ class DataStream:
         schedule = Schedule(self.phases, self.seq_len)
         return {"step": 0, "sequences": 0, "schedule": schedule.state_dict(),
                 "cursors": {name: [0, 0] for name in self.readers},
-                "fingerprint": self.fingerprint(), "seed": self.seed}
+                "fingerprint": self.fingerprint(), "seed": self.seed, "cursor_version": CURSOR_VERSION}
 
     @property
     def tokenizer(self) -> str:
@@ -124,7 +241,16 @@ class DataStream:
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved cursor; refuses one that was taken over other data or another data.seed."""
+        """Continue from a saved cursor; refuses one that was taken over other data or another data.seed.
+
+        Cursor format 1 (no "cursor_version": single pass, [position, offset]) means the same as format 2 in the
+        first pass, so it resumes exactly and is saved as format 2 from then on."""
+        version = state.get("cursor_version", 1)
+        if version not in (1, CURSOR_VERSION):
+            raise DataError(f"the checkpointed data cursor has format version {version}, this code reads 1 and "
+                            f"{CURSOR_VERSION}: resume it with the gpt-simple release that wrote it, or start a new "
+                            f"run (a new training.output_dir, or training.resume = 'scratch')")
+        state = {**state, "cursor_version": CURSOR_VERSION}
         saved, now = state.get("fingerprint"), self.fingerprint()
         if saved != now or state.get("seed") != self.seed:
             raise DataError(f"the data changed since this checkpoint (buckets [docs, tokens] then {saved}, now "
@@ -137,10 +263,12 @@ class DataStream:
                             f"{sorted(self.readers)}: the buckets in data.dir changed since the checkpoint")
         Schedule(self.phases, self.seq_len).load_state_dict(state["schedule"])  # refuses an incompatible one
         for name, (pos, offset) in state["cursors"].items():
-            if not (0 <= pos <= self.readers[name].bucket.n_docs and offset >= 0) or \
-                    self.readers[name].remaining([pos, offset]) < 0:
+            r = self.readers[name]
+            if not (0 <= pos <= r.n_docs * r.passes and offset >= 0) or r.remaining([pos, offset]) < 0:
+                more = (f" (pass {pos // r.n_docs + 1}, but data.max_epochs / data.epochs allows {r.passes}: raise "
+                        f"it to continue)") if r.n_docs and pos >= r.n_docs * r.passes else ""
                 raise DataError(f"the checkpointed data cursor of bucket {name!r} ({pos}, {offset}) lies outside "
-                                f"its {self.readers[name].bucket.n_docs} documents")
+                                f"its {r.n_docs} documents x {r.passes} pass(es){more}")
         self.close()
         self._state = copy.deepcopy(state)
 
@@ -210,6 +338,12 @@ class DataStream:
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+
+    def passes_used(self, state: dict | None = None) -> dict[str, float]:
+        """Passes each bucket has read so far (1.5 = half way through its second pass)."""
+        state = self._state if state is None else state
+        return {name: (r.consumed(state["cursors"][name]) / r.per_pass if r.per_pass else 0.0)
+                for name, r in self.readers.items()}
 
 
 class _Prefetcher:

@@ -33,16 +33,6 @@ def run_bench(*args: str, timeout: float = 600, **env: str) -> subprocess.Comple
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory, demo_data):
-    """One `bench/run.py --smoke` of every CPU benchmark: (the process, its rows from --json)."""
-    out = tmp_path_factory.mktemp("bench") / "rows.json"
-    proc = run_bench("bench/run.py", "--smoke", "--only", ",".join(CPU_BENCHMARKS), "--data-dir", str(demo_data),
-                     "--json", str(out))
-    assert proc.returncode == 0, f"bench/run.py --smoke failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc, json.loads(out.read_text())
-
-
 def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -53,34 +43,36 @@ def check_row(r: dict) -> None:
     if r["target"] == "skipped":
         assert r["ours"] is None and r["ratio"] is None and r["note"], r
         return
-    assert is_number(r["ours"]) and r["ours"] >= 0, r
+    assert is_number(r["ours"]), r  # a difference (training time lost to a save) can come out below 0
     assert r["baseline"] is None or (is_number(r["baseline"]) and r["baseline"] > 0), r
     if r["baseline"] is not None:
-        assert is_number(r["ratio"]) and r["ratio"] >= 0, r
+        assert is_number(r["ratio"]), r
     if r["target"] != "report":
         assert r["ok"] is not None, f"target {r['target']!r} was not judged: {r}"
     if "utilisation" in r["metric"] or "MFU" in r["metric"]:
-        assert r["ratio"] <= 1.0, f"a utilisation above 1: {r}"
+        assert 0 <= r["ratio"] <= 1.0, f"a utilisation above 1: {r}"
 
 
-def test_the_suite_prints_one_table(suite):
-    proc, result = suite
+def test_every_benchmark_runs_and_prints_well_formed_rows(tmp_path, demo_data):
+    """One `bench/run.py --smoke` of every CPU benchmark (one test, not one per benchmark: under xdist a shared
+    fixture would run the suite once per worker)."""
+    out = tmp_path / "rows.json"
+    proc = run_bench("bench/run.py", "--smoke", "--only", ",".join(CPU_BENCHMARKS), "--data-dir", str(demo_data),
+                     "--json", str(out))
+    assert proc.returncode == 0, f"bench/run.py --smoke failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads(out.read_text())
+    assert result["mode"] == "smoke" and "FAILED" not in proc.stdout
+    for name in CPU_BENCHMARKS:
+        assert [r for r in result["rows"] if r["benchmark"] == name], f"{name} printed no row"
+    for r in result["rows"]:
+        check_row(r)
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
              if line.startswith("| ")]
     assert table[0] == ["metric", "ours", "baseline", "ratio", "target", "ok"]
     assert len(table) == 1 + len(result["rows"])
-    assert "FAILED" not in proc.stdout and result["mode"] == "smoke"
     for r, cells in zip(result["rows"], table[1:]):
         assert cells[0] == r["metric"] and cells[4] == r["target"]
         assert cells[3] != "n/a" or r["target"] == "skipped", cells
-
-
-@pytest.mark.parametrize("name", CPU_BENCHMARKS)
-def test_rows_are_well_formed(suite, name):
-    rows = [r for r in suite[1]["rows"] if r["benchmark"] == name]
-    assert rows, f"{name} printed no row"
-    for r in rows:
-        check_row(r)
 
 
 def test_gpu_benchmark_without_a_gpu(tmp_path):

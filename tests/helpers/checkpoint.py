@@ -25,3 +25,15 @@ def tiny_trained_manager(out: Path):
     parts = {"model": ModelOptimizer(model, opt, cfg.model)}
     mgr = CheckpointManager(RunDir(out).checkpoints, parts, torch.device("cpu"), rank=0)
     return mgr, model, cfg
+
+
+def flip_tensor_byte(ckpt: Path) -> str:
+    """Flip one bit in the middle of the largest tensor's bytes in a checkpoint's DCP data (the file format stays
+    valid: only the numbers change); the file's name."""
+    from gpt_simple.checkpoint import read_dcp_metadata
+    where = max(read_dcp_metadata(ckpt).storage_data.values(), key=lambda s: s.length)
+    path = Path(ckpt) / where.relative_path
+    data = bytearray(path.read_bytes())
+    data[where.offset + where.length // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return where.relative_path
