@@ -9,23 +9,9 @@ best over a few square sizes and the model's own largest product (its MLP: micro
 """
 from __future__ import annotations
 
-import time
-
-import torch
+from gpt_simple.metrics import matmul_rate
 
 SQUARES = (512, 1024, 2048)
-
-
-def product_rate(m: int, k: int, n: int, repeats: int = 3) -> float:
-    """FLOP/s of the fastest of `repeats` (m x k) @ (k x n) fp32 products, after one untimed product."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best
 
 
 def shapes(cfg, squares=SQUARES) -> list[tuple[int, int, int]]:
@@ -36,6 +22,6 @@ def shapes(cfg, squares=SQUARES) -> list[tuple[int, int, int]]:
 
 def sample(cfg, squares=SQUARES, repeats: int = 3) -> tuple[float, str]:
     """(the best FLOP/s over the shapes, the shape that reached it as 'MxKxN')."""
-    rates = {f"{m}x{k}x{n}": product_rate(m, k, n, repeats) for m, k, n in shapes(cfg, squares)}
+    rates = {f"{m}x{k}x{n}": matmul_rate(m, k, n, repeats) for m, k, n in shapes(cfg, squares)}
     best = max(rates, key=rates.get)
     return rates[best], best

@@ -31,20 +31,21 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(size: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
-    """The CPU's achieved fp32 matmul rate with the current thread count: the ceiling MFU is measured against.
+def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """The achieved fp32 FLOP/s of an (m x k) @ (k x n) product with the current thread count: the ceiling MFU
+    is measured against on a CPU.
 
     The fastest of a few products: a busy machine (other processes, start-up of the ranks beside this one)
     only ever slows one down, and a ceiling measured too low would report an MFU above 1.
     """
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a, b = torch.randn(m, k), torch.randn(k, n)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * m * k * n / best
 
 
 def peak_flops(device: torch.device, configured: float) -> tuple[float, str]:
@@ -57,7 +58,7 @@ def peak_flops(device: torch.device, configured: float) -> tuple[float, str]:
             return flops, f"{name} data sheet (bf16 dense)"
         return 0.0, f"unknown GPU {name!r}: set training.peak_flops for MFU"
     # 1024^3 products: within a few % of the 2048^3 rate, at a tenth of the start-up time (~0.2 s, not 2 s)
-    return measure_matmul_flops(size=1024), "measured fp32 matmul rate of this CPU"
+    return matmul_rate(1024, 1024, 1024), "measured fp32 matmul rate of this CPU"
 
 
 def _fmt_seconds(s: float) -> str:

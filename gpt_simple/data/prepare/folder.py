@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from gpt_simple.data.shards import Shard, ShardError
+from gpt_simple.run_dir import fsync_dir, write_atomic
 
 try:
     import fcntl
@@ -29,21 +30,8 @@ LOCK, PLAN, PROGRESS = ".lock", ".plan.json", ".progress.json"
 
 
 def _write_durable(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, text)
+    fsync_dir(path.parent)  # the rename itself survives a power loss: a resumed build trusts this record
 
 
 def _lock(path: Path, create: bool) -> int | None:
