@@ -1,4 +1,5 @@
-"""`gpt-simple train | status | stop | prepare | validate` (and the flat train.py / status.py scripts)."""
+"""`gpt-simple train | status | stop | prepare | validate | verify | eval | export | generate` (and the flat train.py /
+status.py scripts)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ commands:
   prepare   INPUT... --out DIR --bucket NAME | --demo DIR   tokenize text into shards
   validate  --config FILE [overrides]                   check config and data demand without training
   verify    OUTDIR | CHECKPOINT                         check checkpoints against their recorded checksums
+  eval      CHECKPOINT_OR_OUTPUT_DIR [--tokens N] [--json]   validation loss of a committed checkpoint
   export    CHECKPOINT OUT [--hf]                       consolidated safetensors weights + model config
   generate  --output_dir DIR | --checkpoint PATH        sample text from the newest checkpoint
 """
@@ -73,13 +75,19 @@ def export_cmd(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def eval_cmd(argv: list[str]) -> int:
+    from gpt_simple.eval_cli import eval_main
+    return eval_main(argv)
+
+
 def generate_cmd(argv: list[str]) -> int:
     from gpt_simple.generate import generate_main
     return generate_main(argv)
 
 
 COMMANDS = {"train": train_main, "status": status_cmd, "stop": stop_cmd, "prepare": prepare_cmd,
-            "validate": validate_cmd, "verify": verify_cmd, "export": export_cmd, "generate": generate_cmd}
+            "validate": validate_cmd, "verify": verify_cmd, "eval": eval_cmd, "export": export_cmd,
+            "generate": generate_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:

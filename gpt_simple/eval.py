@@ -22,10 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gpt_simple.config import Config
-from gpt_simple.data.shards import Bucket, ShardError
+from gpt_simple.data.shards import VAL_SPLIT, Bucket, ShardError
 from gpt_simple.parallel import reshard_all
-
-VAL_SPLIT = "val"  # a bucket's validation split: DATA_DIR/BUCKET/val/*.idx (written by `prepare --val-docs`)
 
 
 def validation_buckets(cfg: Config, names: list[str]) -> dict[str, Bucket]:
@@ -39,6 +37,12 @@ def validation_buckets(cfg: Config, names: list[str]) -> dict[str, Bucket]:
             bucket.name = name
             found[name] = bucket
     return found
+
+
+def no_split_message(cfg: Config) -> str:
+    where = f"eval.dir {cfg.eval.dir!r}" if cfg.eval.dir else f"data.dir/BUCKET/{VAL_SPLIT}"
+    return (f"eval: no bucket has a validation split ({where}); prepare one with `gpt-simple prepare ... "
+            f"--val-docs N`, or set eval.every_steps = 0 and eval.at_end = false")
 
 
 def validation_sequences(bucket: Bucket, seq_len: int, tokens: int) -> np.ndarray:
@@ -69,9 +73,7 @@ class Evaluator:
         self.sequences = {name: validation_sequences(b, cfg.data.seq_len, e.tokens) for name, b in buckets.items()}
         self.sequences = {name: seqs for name, seqs in self.sequences.items() if len(seqs)}
         if self.enabled and not self.sequences:
-            where = f"eval.dir {e.dir!r}" if e.dir else f"data.dir/BUCKET/{VAL_SPLIT}"
-            raise ShardError(f"eval: no bucket has a validation split ({where}); prepare one with `gpt-simple "
-                             f"prepare ... --val-docs N`, or set eval.every_steps = 0 and eval.at_end = false")
+            raise ShardError(no_split_message(cfg))
         self.last_step = -1    # the last step whose evaluation is recorded
         self.last_seconds = 0.0
 

@@ -76,6 +76,10 @@ def summary(state: dict, status: str, why: str | None, now: float) -> str:
              f"heartbeat {_ago(now - float(state.get('heartbeat_at') or 0))} "
              f"(pid {state.get('pid')} on {state.get('host')}, launch {state.get('launches')})",
              f"deadline  from {state.get('deadline_source')}"]
+    ev = state.get("eval")
+    if ev:
+        buckets = " ".join(f"{b} {v:.4f}" for b, v in ev.get("loss_by_bucket", {}).items())
+        lines.append(f"eval      step {ev['step']}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} ({buckets})")
     return "\n".join(lines)
 
 

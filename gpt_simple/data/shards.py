@@ -19,6 +19,7 @@ import numpy as np
 MAGIC = b"GPTSIDX\x01"
 VERSION = 1
 HEADER_BYTES = 512
+VAL_SPLIT = "val"   # a bucket's validation split: BUCKET/val/*.idx (`prepare --val-docs`), never read in training
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 

@@ -207,7 +207,8 @@ def test_validate_and_dry_run_print_the_table_and_refuse_a_shortfall(tmp_path):
                       .replace('output_dir = "outputs/tiny"', f'output_dir = "{tmp_path / "out"}"')
                       + '\n[[data.curriculum]]\nmix = { a = 1, b = 1 }\n')
     small = ("--data.seq_len", str(SEQ), "--model.block_size", str(SEQ), "--training.global_batch_size", str(G),
-             "--training.micro_batch_size", "4", "--training.max_steps", "6", "--optimizer.warmup_steps", "2")
+             "--training.micro_batch_size", "4", "--training.max_steps", "6", "--optimizer.warmup_steps", "2",
+             "--eval.every_steps", "0", "--eval.at_end", "false")
 
     def run(cmd, *extra) -> subprocess.CompletedProcess:
         return subprocess.run([*cmd, "--config", str(config), *small, *extra], cwd=tmp_path, env=child_env(),

@@ -1,5 +1,6 @@
 """A real `gpt-simple prepare` SIGKILLed mid-run, twice, leaves no bucket a trainer would read; the rerun keeps the
-finished shards, redoes the unfinished one and ends with the bucket an uninterrupted run writes, byte for byte."""
+finished shards, redoes the unfinished one and ends with the bucket an uninterrupted run writes, byte for byte,
+validation split included."""
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def make_inputs(src: Path) -> None:
 
 def command(src: Path, data: Path, workers: int) -> list[str]:
     return [GPT_SIMPLE, "prepare", str(src), "--out", str(data), "--bucket", "b", "--shard-tokens", "150000",
-            "--workers", str(workers)]
+            "--workers", str(workers), "--val-docs", "300"]
 
 
 def kill_after(cmd: list[str], data: Path, shards: int) -> int:
@@ -92,5 +93,8 @@ def test_a_killed_prepare_continues_to_the_bucket_of_an_uninterrupted_run(tmp_pa
     assert kept and second <= int(kept.group(1)) < total, rerun.stderr   # (a shard may finish as the kill lands)
     assert [p.name for p in data.iterdir()] == ["b"]   # the build folder became the bucket
     assert shard_bytes(data / "b") == shard_bytes(tmp_path / "ref" / "b")
+    # the validation candidates held across the kills were recorded with the shards: the same split
+    assert shard_bytes(data / "b" / "val") == shard_bytes(tmp_path / "ref" / "b" / "val")
     assert manifest(data / "b") == manifest(tmp_path / "ref" / "b")
-    assert sorted(p.name for p in (data / "b").iterdir() if not p.name.startswith("shard-")) == ["prepare.json"]
+    assert manifest(data / "b")["val_documents"] == 300
+    assert sorted(p.name for p in (data / "b").iterdir() if not p.name.startswith("shard-")) == ["prepare.json", "val"]

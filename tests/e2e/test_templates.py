@@ -116,7 +116,8 @@ def logged_steps(outdir: Path) -> int:
 
 def tiny_args(demo: Path, max_steps: int, reserve: float) -> list[str]:
     return ["--data.dir", str(demo), "--training.max_steps", str(max_steps), "--training.log_steps", "1",
-            "--training.walltime_reserve_seconds", str(reserve), "--training.tensorboard", "false"]
+            "--training.walltime_reserve_seconds", str(reserve), "--training.tensorboard", "false",
+            "--eval.every_steps", "0", "--eval.at_end", "false"]   # evaluation in chains: tests/e2e/test_eval.py
 
 
 def start_reference(demo: Path, outdir: Path, max_steps: int) -> subprocess.Popen:

@@ -18,7 +18,8 @@ TINY = ["--config", str(ROOT / "configs" / "tiny.toml"),
         "--data.seq_len", "64", "--model.block_size", "64",
         "--training.global_batch_size", "8", "--training.micro_batch_size", "4",
         "--training.log_steps", "1", "--training.save_steps", "0",
-        "--optimizer.warmup_steps", "2", "--optimizer.decay_steps", "20"]
+        "--optimizer.warmup_steps", "2", "--optimizer.decay_steps", "20",
+        "--eval.every_steps", "0", "--eval.at_end", "false"]   # tests/e2e/test_eval.py turns evaluation on
 
 
 def train_cmd(*args: str, nproc: int = 1) -> list[str]:

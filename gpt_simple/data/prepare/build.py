@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from gpt_simple.data.prepare.errors import Interrupted, PrepareError
+from gpt_simple.data.prepare.folder import HOLDOUT_DIR
+from gpt_simple.data.prepare.holdout import Holdout, write_split
 from gpt_simple.data.prepare.pool import default_workers, results
 from gpt_simple.data.prepare.report import Problems, Progress, Summary
 from gpt_simple.data.prepare.sources import CHUNK_BYTES, Reading, check_inputs, file_tasks, format_list, input_files
@@ -66,38 +68,53 @@ def _tasks(files: list[Path], cut: Callable[[Path], Iterable[Task]], start: tupl
                 yield task
 
 
-def _snapshot(summary: Summary, problems: Problems, current: _File, position: list[int], seconds: float) -> dict:
-    """The record taken as a shard is finished: the next document's position and everything counted before it."""
+def _snapshot(summary: Summary, problems: Problems, current: _File, position: list[int], seconds: float,
+              out: BucketWriter, holdout: Holdout) -> dict:
+    """The record taken as a shard is finished: the next document's position, everything counted before it, and
+    the validation candidates so far (their tokens in a file of their own, named by the shard count)."""
+    pending = f"pending-{out.shards:05d}"
+    ordinals = holdout.save(out.tmp / HOLDOUT_DIR / pending, out.tok.vocab_size, out.tok.id, out.tok.eos)
+    durable = (out.folder.progress or {}).get("holdout", [""])[0]   # named by the record in force
+    for old in (out.tmp / HOLDOUT_DIR).glob("pending-*"):
+        if old.name.split(".")[0] not in (pending, durable):
+            old.unlink()
     return {**{name: getattr(summary, name) for name in _COUNTS}, "reasons": dict(problems.reasons),
             "shown": problems.shown, "seconds": seconds, "position": position,
-            "file": [current.no, current.records, current.lines_before]}
+            "file": [current.no, current.records, current.lines_before], "holdout": [pending, ordinals]}
 
 
-def _restore(record: dict, summary: Summary, problems: Problems) -> _File:
+def _restore(record: dict, summary: Summary, problems: Problems, out: BucketWriter, holdout: Holdout) -> _File:
     for name in _COUNTS:
         setattr(summary, name, record[name])
     problems.reasons.update(record["reasons"])  # in first-seen order, as an uninterrupted run has them
     problems.shown = record["shown"]
+    pending, ordinals = record.get("holdout", ["", []])
+    holdout.load(out.tmp / HOLDOUT_DIR / pending, ordinals)
     return _File(summary, *record["file"])
 
 
 def write_bucket(out_dir: Path, bucket: str, tokenizer: str, files: list[Path],
                  cut: Callable[[Path], Iterable[Task]], *, plan: dict | None = None, total_bytes: int = 0,
                  workers: int = 1, strict: bool = False, quiet: bool = False, field_name: str = "text",
-                 force: bool = False, shard_tokens: int = SHARD_TOKENS, inputs: list[str] | None = None) -> Summary:
+                 force: bool = False, shard_tokens: int = SHARD_TOKENS, inputs: list[str] | None = None,
+                 val_docs: int = 0, val_seed: int = 0) -> Summary:
     """Tokenize the documents of `files` (each cut into tasks by `cut`) and write them, in order, as bucket
-    out_dir/bucket. `plan`: whatever else the output depends on."""
+    out_dir/bucket; `val_docs` of them, chosen by holdout.py, go to its validation split instead. `plan`:
+    whatever else the output depends on."""
     start = time.time()
     tok = get_tokenizer(tokenizer)
+    split = {"val_docs": val_docs, "val_seed": val_seed} if val_docs else {}
     out = BucketWriter(Path(out_dir), bucket, tok, _plan(bucket, tok, files, strict, shard_tokens,
-                                                        {"field": field_name, **(plan or {})}), shard_tokens, force)
+                                                        {"field": field_name, **split, **(plan or {})}),
+                       shard_tokens, force)
+    holdout = Holdout(val_docs, val_seed)
     summary = Summary(bucket=bucket, folder=str(out.final), tokenizer=tok.id, vocab_size=tok.vocab_size,
                       dtype=dtype_for_vocab(tok.vocab_size))
     progress = Progress(bucket, total_bytes, quiet)
     problems = Problems(summary, progress, strict, quiet)
     current, resume, earlier = _File(summary), None, 0.0
     if out.resumed:
-        current = _restore(out.resumed, summary, problems)
+        current = _restore(out.resumed, summary, problems, out, holdout)
         resume, earlier = out.resumed["position"], out.resumed["seconds"]
         progress.base_tokens = summary.tokens
         if not quiet:
@@ -115,17 +132,22 @@ def write_bucket(out_dir: Path, bucket: str, tokenizer: str, files: list[Path],
             for doc in range(first, len(result.docs)):
                 if out.full():
                     out.finish_shard(_snapshot(summary, problems, current, [task.file_no, task.task_no, doc],
-                                               earlier + time.time() - start))
-                tokens = result.docs[doc]
-                out.add(tokens)
-                summary.documents += 1
-                summary.tokens += len(tokens)
+                                               earlier + time.time() - start, out, holdout))
+                tokens = holdout.offer(summary.documents + len(holdout), result.docs[doc])
+                if tokens is not None:
+                    out.add(tokens)
+                    summary.documents += 1
+                    summary.tokens += len(tokens)
             summary.blank_lines += result.blank
             summary.input_bytes += task.size
             progress.update(summary)
         if summary.documents == 0:
+            held = f"; all {len(holdout)} went to the validation split (--val-docs)" if len(holdout) else ""
             raise PrepareError(f"{out.final}: no documents to write ({summary.skipped} malformed record(s) "
-                               f"skipped, see the warnings above)")
+                               f"skipped, see the warnings above{held})")
+        if len(holdout):
+            summary.val_documents = len(holdout)
+            summary.val_tokens = write_split(out.tmp, holdout.chosen(), tok.vocab_size, tok.id, tok.eos)
         summary.shards = out.shards
         summary.skipped_by_reason = dict(problems.reasons)
         summary.seconds = earlier + time.time() - start
@@ -147,7 +169,8 @@ def write_bucket(out_dir: Path, bucket: str, tokenizer: str, files: list[Path],
 
 def prepare(inputs: list[str], out_dir: str, bucket: str, tokenizer: str = "byte", workers: int = 0,
             strict: bool = False, quiet: bool = False, field_name: str = "text", force: bool = False,
-            shard_tokens: int = SHARD_TOKENS, chunk_bytes: int = CHUNK_BYTES, text_column: str = "text") -> Summary:
+            shard_tokens: int = SHARD_TOKENS, chunk_bytes: int = CHUNK_BYTES, text_column: str = "text",
+            val_docs: int = 0, val_seed: int = 0) -> Summary:
     """Tokenize the documents of `inputs` (files or folders) into the bucket out_dir/bucket."""
     files = input_files(inputs)
     if not files:
@@ -160,4 +183,4 @@ def prepare(inputs: list[str], out_dir: str, bucket: str, tokenizer: str = "byte
                         plan={"chunk_bytes": chunk_bytes, "text_column": text_column}, total_bytes=total,
                         workers=workers or default_workers(total), strict=strict, quiet=quiet,
                         field_name=field_name, force=force, shard_tokens=shard_tokens,
-                        inputs=[str(p) for p in inputs])
+                        inputs=[str(p) for p in inputs], val_docs=val_docs, val_seed=val_seed)

@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the bucket if it exists")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS,
                    help=f"start a new shard after this many tokens (default: {SHARD_TOKENS:,})")
+    p.add_argument("--val-docs", type=int, default=0, metavar="N",
+                   help="set aside N whole documents (a seeded random sample) as the bucket's validation split "
+                        "(BUCKET/val); they are not in the training shards (default: 0, no split)")
+    p.add_argument("--val-seed", type=int, default=0, help="seed of the --val-docs sample (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress line and no per-record warnings")
     p.add_argument("--demo", metavar="OUT", help="build the embedded demo corpus (Python's stdlib) into OUT")
     p.add_argument("--buckets", default=",".join(DEMO_DEFAULT),
@@ -50,6 +54,8 @@ def prepare_main(argv: list[str]) -> int:
             raise PrepareError("--workers must be >= 0")
         if args.shard_tokens < 1:
             raise PrepareError("--shard-tokens must be >= 1")
+        if args.val_docs < 0:
+            raise PrepareError("--val-docs must be >= 0")
         if args.demo:
             if args.inputs or args.out or args.bucket:
                 raise PrepareError("--demo OUT builds the demo corpus; give no INPUT, --out or --bucket with it")
@@ -60,7 +66,8 @@ def prepare_main(argv: list[str]) -> int:
         if not args.inputs or not args.out or not args.bucket:
             raise PrepareError("give INPUT... --out DIR --bucket NAME (or --demo DIR)")
         summary = prepare(args.inputs, args.out, args.bucket, args.tokenizer, args.workers, args.strict,
-                          args.quiet, args.field, args.force, args.shard_tokens, text_column=args.text_column)
+                          args.quiet, args.field, args.force, args.shard_tokens, text_column=args.text_column,
+                          val_docs=args.val_docs, val_seed=args.val_seed)
         print(summary.line())
         return 0
     except (PrepareError, ShardError, ValueError) as e:  # ValueError: a bad tokenizer spec

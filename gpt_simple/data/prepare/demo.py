@@ -19,10 +19,13 @@ from gpt_simple.data.prepare.pool import default_workers
 from gpt_simple.data.prepare.report import Summary
 from gpt_simple.data.prepare.tasks import Result, Task, TextFile, Worker, read_text
 from gpt_simple.data.prepare.writer import has_shards
+from gpt_simple.data.shards import VAL_SPLIT
 
 DEMO_BUCKETS = ("code", "prose", "comments")
 DEMO_DEFAULT = ("code", "prose")
 DEMO_CODE_BYTES = 6_000_000
+# Validation split per demo bucket: about 1% of its tokens, enough for a stable loss on the tiny model.
+DEMO_VAL_DOCS = {"code": 12, "prose": 150, "comments": 12}
 
 
 def stdlib_sources(limit_bytes: int = DEMO_CODE_BYTES) -> list[Path]:
@@ -93,7 +96,7 @@ TASKS = {"code": TextFile, "prose": Docstrings, "comments": Comments}
 def _build(out_dir: Path, bucket: str, files: list[Path], **kwargs) -> Summary:
     def cut(path: Path) -> list[Task]:
         return [TASKS[bucket](path=str(path), size=path.stat().st_size)]
-    return write_bucket(out_dir, bucket, "byte", files, cut, plan={"demo": bucket},
+    return write_bucket(out_dir, bucket, "byte", files, cut, plan={"demo": bucket}, val_docs=DEMO_VAL_DOCS[bucket],
                         inputs=[f"demo:{bucket} ({len(files)} stdlib modules of Python {sys.version.split()[0]})"],
                         **kwargs)
 
@@ -110,12 +113,13 @@ def prepare_demo(out_dir: str, buckets: Iterable[str] = DEMO_DEFAULT, workers: i
     total = sum(f.stat().st_size for f in files)
     out = {}
     for bucket in buckets:
-        if not force and has_shards(Path(out_dir) / bucket):
+        if not force and _complete(Path(out_dir) / bucket):
             if not quiet:
                 print(f"bucket {bucket!r} -> {Path(out_dir) / bucket}: exists, kept (--force rebuilds it)")
             continue
         out[bucket] = _build(Path(out_dir), bucket, files, total_bytes=total,
-                             workers=workers or default_workers(total), quiet=quiet, force=force)
+                             workers=workers or default_workers(total), quiet=quiet,
+                             force=force or has_shards(Path(out_dir) / bucket))
     return out
 
 
@@ -123,11 +127,16 @@ def ensure_demo(out_dir: str, buckets: Iterable[str] = DEMO_DEFAULT) -> None:
     """Build the demo buckets that are missing. Safe when several processes race: each builds in its own
     hidden folder and the first rename wins."""
     root = Path(out_dir)
-    missing = [b for b in buckets if not (root / b).is_dir() or not has_shards(root / b)]
+    missing = [b for b in buckets if not _complete(root / b)]
     # In-process: cheap enough (a few seconds) and safe in a process that already runs torch threads.
     for bucket in missing:
         try:
-            _build(root, bucket, stdlib_sources(), workers=1, quiet=True)
+            _build(root, bucket, stdlib_sources(), workers=1, quiet=True, force=has_shards(root / bucket))
         except PrepareError:
-            if not has_shards(root / bucket):
+            if not _complete(root / bucket):
                 raise
+
+
+def _complete(folder: Path) -> bool:
+    """A demo bucket with its validation split (one built before demo buckets had one is rebuilt)."""
+    return has_shards(folder) and has_shards(folder / VAL_SPLIT)

@@ -6,7 +6,8 @@ Readers skip hidden folders, so a bucket under construction is never read. Next 
   .plan.json       what is being built (bucket, tokenizer, options, and a digest of the input files' names,
                    sizes and modification times): only a build of the same plan is continued;
   .progress.json   rewritten atomically (temporary file, fsync, rename) each time a shard is finished: how many
-                   shards are complete, where in the input the next one starts, and the counts so far.
+                   shards are complete, where in the input the next one starts, and the counts so far;
+  .holdout/        the validation candidates (holdout.py) as of each record, in a file the record names.
 A new build first looks for a dead build of the same plan and takes it over (renaming it to its own PID);
 shards past the recorded ones, and the unfinished one, are deleted and written again. A dead build of another
 plan is deleted: nothing could continue it.
@@ -27,6 +28,7 @@ except ImportError:  # not POSIX: builds are not shared or continued
     fcntl = None
 
 LOCK, PLAN, PROGRESS = ".lock", ".plan.json", ".progress.json"
+HOLDOUT_DIR = ".holdout"   # the validation candidates as of the last record (holdout.py)
 
 
 def _write_durable(path: Path, text: str) -> None:
@@ -102,7 +104,8 @@ class BuildFolder:
         if folder != self.path:   # this process's own folder, when an earlier build in it was interrupted
             shutil.rmtree(self.path, ignore_errors=True)
             os.rename(folder, self.path)
-        keep = {LOCK, PLAN, PROGRESS} | {f"shard-{i:05d}.{ext}" for i in range(shards) for ext in ("bin", "idx")}
+        keep = {LOCK, PLAN, PROGRESS, HOLDOUT_DIR} | {f"shard-{i:05d}.{ext}" for i in range(shards)
+                                                     for ext in ("bin", "idx")}
         for entry in self.path.iterdir():   # the unfinished shard, and any shard after the record
             if entry.name in keep:
                 continue
@@ -137,6 +140,7 @@ class BuildFolder:
         no other process takes this folder for a build to continue."""
         for name in (PLAN, PROGRESS, LOCK):
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / HOLDOUT_DIR, ignore_errors=True)
         self.release()
 
     def release(self) -> None:

@@ -23,6 +23,8 @@ class Summary:
     documents: int = 0
     tokens: int = 0
     shards: int = 0
+    val_documents: int = 0   # the validation split (--val-docs), not counted in documents / tokens
+    val_tokens: int = 0
     skipped: int = 0
     blank_lines: int = 0
     input_bytes: int = 0
@@ -38,8 +40,11 @@ class Summary:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_by_reason.items()))
         skipped = f"skipped {self.skipped} ({reasons})" if self.skipped else "skipped 0"
         blank = f", {self.blank_lines} blank lines ignored" if self.blank_lines else ""
+        val = (f"; validation split {self.val_documents:,} documents, {self.val_tokens:,} tokens"
+               if self.val_documents else "")
         return (f"bucket {self.bucket!r} -> {self.folder}: {self.documents:,} documents, {self.tokens:,} tokens "
-                f"({self.dtype}, tokenizer {self.tokenizer}) in {self.shards} shard(s) from {self.files} file(s); "
+                f"({self.dtype}, tokenizer {self.tokenizer}) in {self.shards} shard(s) from {self.files} file(s)"
+                f"{val}; "
                 f"{skipped}{blank}; {self.seconds:.1f}s, {self.tokens_per_second / 1e6:.2f}M tokens/s")
 
 
