@@ -13,6 +13,7 @@ Benchmarks (each also runs alone as `python bench/NAME.py`):
   checkpoint  async save blocking vs a synchronous save, GPT-2 124M + AdamW; step time after a save
   shutdown    SIGTERM -> committed checkpoint and exit; the per-step stop agreement
   resume      launch -> first step, resumed vs fresh + load
+  eval        an evaluation's tokens/s vs a training step's forward pass on the same batches; its share of the demo run
   gpu         GPT-2 124M and 350M on one GPU (a skipped row without CUDA)
 
 Exit code: 0 when every benchmark ran (a missed target is reported in the table, not an error: the figures
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cli import add_mode_args, exit_cleanly_on_termination, machine, mode_from, start  # noqa: E402
 from bench.table import format_table, row, write_json  # noqa: E402
 
-BENCHMARKS = ("throughput", "fsdp2", "checkpoint", "shutdown", "resume", "gpu")
+BENCHMARKS = ("throughput", "fsdp2", "checkpoint", "shutdown", "resume", "eval", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

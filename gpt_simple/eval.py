@@ -91,16 +91,23 @@ class Evaluator:
             (self.at_end and step == self.max_steps)
         return scheduled and step > self.last_step and bool(self.sequences)
 
-    def expected_seconds(self, step: int) -> float:
-        """What the stop decision budgets for the evaluation after `step` (the last one's duration)."""
-        return self.last_seconds if self.due(step) else 0.0
+    def expected_seconds(self, step: int, step_seconds: float, tokens_per_step: int) -> float:
+        """What the stop decision budgets for the evaluation after `step`: the last one's duration (carried across
+        launches), or before any, half a training step per step's worth of tokens (a forward pass alone is about
+        a third of one) so that a first evaluation is not left out of the budget."""
+        if not self.due(step):
+            return 0.0
+        if self.last_seconds > 0:
+            return self.last_seconds
+        return step_seconds * sum(self.tokens().values()) / max(tokens_per_step, 1) / 2
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
+        return {"last_step": self.last_step, "seconds": self.last_seconds}
 
     def load_state_dict(self, state: dict | None) -> None:
         # None: a checkpoint from before evaluation existed; an evaluation due at its step runs after the resume
         self.last_step = -1 if state is None else int(state["last_step"])
+        self.last_seconds = 0.0 if state is None else float(state.get("seconds", 0.0))
 
     def evaluate(self, step: int) -> dict:
         """Every bucket's mean token loss, their token-weighted mean and its perplexity; leaves the model, its
