@@ -13,6 +13,7 @@ at a resumed step and never recorded runs first after the resume, and one that w
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from gpt_simple.config import Config
 from gpt_simple.data.shards import VAL_SPLIT, Bucket, ShardError
 from gpt_simple.parallel import reshard_all
+
+
+# Tests make evaluations slow with this (seconds added to each), to check that the stop decision budgets for them.
+EVAL_DELAY_ENV = "GPT_SIMPLE_EVAL_DELAY_S"
 
 
 def validation_buckets(cfg: Config, names: list[str]) -> dict[str, Bucket]:
@@ -127,6 +132,7 @@ class Evaluator:
             self.model.train(was_training)
             reshard_all(self.model)
             torch.set_rng_state(rng)
+        time.sleep(float(os.environ.get(EVAL_DELAY_ENV) or 0))
         tokens = self.tokens()
         by_bucket = {name: float(s) / tokens[name] for name, s in zip(self.sequences, sums.tolist())}
         loss = float(sums.sum()) / sum(tokens.values())

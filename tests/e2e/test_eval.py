@@ -131,3 +131,22 @@ def test_eval_command_world_sizes_and_held_out_documents(tmp_path, demo_data):
         trained = {span[1] for line in read_audit(run) for span in line["spans"] if span[0] == name}
         assert trained and max(trained) < train.n_docs
         assert not document_digests(train, trained) & document_digests(val, range(val.n_docs))
+
+
+@pytest.mark.slow
+def test_the_stop_decision_budgets_for_a_due_evaluation(tmp_path, demo_data):
+    """Each evaluation takes 3 s more than it should (a slow one) and the reserve is 0.2 s: the job stops before a
+    step whose evaluation would not fit, so nothing runs past the deadline, and the next job evaluates what is
+    due. Without the budget the last evaluation would start ~1 s before the deadline and end after it."""
+    out = tmp_path / "run"
+    args = (*EVAL, "--training.max_steps", "100000", "--training.save_steps", "0", "--eval.every_steps", "3",
+            "--training.walltime_reserve_seconds", "0.2", "--training.log_steps", "1")
+    env = child_env(GPT_SIMPLE_MAX_RUNTIME="15", GPT_SIMPLE_EVAL_DELAY_S="3")
+    run_train(out, demo_data, *args, env=env, timeout=120)
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["status"] == "STOPPED" and state["reason"].startswith("deadline"), state
+    (ckpt,) = [p for p in (out / "checkpoints").iterdir() if p.name.endswith("-shutdown")]
+    committed_at = json.loads((ckpt / "COMMITTED").read_text())["committed_at"]
+    assert committed_at < state["deadline_at"], (committed_at, state["deadline_at"])
+    evaluated = [r["step"] for r in eval_records(out)]
+    assert evaluated and evaluated == list(range(3, state["step"] + 1, 3))
