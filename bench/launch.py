@@ -104,7 +104,8 @@ class TrainRun:
 
     # -- reading the run's files --------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
-        return read_jsonl(self.out / "metrics.jsonl")
+        """The training steps' records (evaluation records, "type": "eval", left out)."""
+        return [r for r in read_jsonl(self.out / "metrics.jsonl") if "type" not in r]
 
     def events(self) -> list[dict]:
         return read_jsonl(self.out / "events.jsonl")

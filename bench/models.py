@@ -1,5 +1,5 @@
 """Building what a benchmark measures in its own process: the config with overrides, the model's size and FLOPs,
-and the real Trainer, built exactly as `gpt-simple train` builds it (gpt_simple.trainer.run).
+and the real Trainer, built exactly as `gpt-simple train` builds it (gpt_simple.launch.run).
 """
 from __future__ import annotations
 
@@ -36,12 +36,14 @@ def trainer_in_process(cfg, force: bool = False):
     the torchrun group inside it); closed and the group destroyed on exit. Its console log stays quiet (no
     setup_logging): the benchmark prints the table."""
     from gpt_simple.config import validate_world
-    from gpt_simple.parallel import init_distributed, shutdown_distributed
+    from gpt_simple.parallel import init_distributed, mesh_shape, shutdown_distributed
     from gpt_simple.run_dir import RunDir
-    from gpt_simple.trainer import Trainer, open_run
+    from gpt_simple.launch import open_run
+    from gpt_simple.trainer import Trainer
     with ExitStack() as closing:
         closing.callback(shutdown_distributed)
         d = init_distributed(cfg.training.device)
         validate_world(cfg, d.world_size)
+        d.mesh_shape = mesh_shape(cfg.parallel.replicate_degree, d.world_size)
         run_state = open_run(RunDir(cfg.training.output_dir), d, cfg.training.resume, force)
         yield Trainer(cfg, d, run_state, closing)

@@ -10,6 +10,7 @@ Benchmarks (each also runs alone as `python bench/NAME.py`):
   throughput  the trainer vs the plain loop (bench/plain_loop.py) in one process, step by step in turns; CPU MFU
               against a matmul ceiling measured between the steps; data-stream wait
   fsdp2       the trainer on 2 ranks (torchrun) vs 1 process, taking turns step by step (bench/gate.py)
+  hsdp        4 ranks: HSDP (2x2 mesh) vs plain FSDP (1x4), taking turns; bytes sent per rank per step (measured)
   checkpoint  async save blocking vs a synchronous save, GPT-2 124M + AdamW; step time after a save
   shutdown    SIGTERM -> committed checkpoint and exit; the per-step stop agreement
   resume      launch -> first step, resumed vs fresh + load
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cli import add_mode_args, exit_cleanly_on_termination, machine, mode_from, start  # noqa: E402
 from bench.table import format_table, row, write_json  # noqa: E402
 
-BENCHMARKS = ("throughput", "fsdp2", "checkpoint", "shutdown", "resume", "eval", "gpu")
+BENCHMARKS = ("throughput", "fsdp2", "hsdp", "checkpoint", "shutdown", "resume", "eval", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ def train_main(argv: list[str]) -> int:
     if args.dry_run:
         from gpt_simple.validate import validate_main
         return validate_main(cfg)
-    from gpt_simple.trainer import run
+    from gpt_simple.launch import run
     return run(cfg, force=args.force)
 
 

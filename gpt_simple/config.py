@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,13 @@ class TrainingConfig:
     resume: str = doc("auto", "'auto' (newest committed checkpoint, else fresh), 'scratch', or a checkpoint path.")
     max_runtime_seconds: float = doc(0.0, "Deadline in seconds from process start (0 = SLURM_JOB_END_TIME / GPT_SIMPLE_MAX_RUNTIME / none).")
     setup_timeout_seconds: float = doc(300.0, "Set-up bound: process-group creation, rendezvous and set-up collectives give up after this many seconds (a resumable, transient failure).")
+    collective_timeout_seconds: float = doc(1800.0, "After set-up, a collective gives up after this many seconds (a resumable, transient failure): how long the survivors of a lost or hung node wait; keep it above the longest wait a rank may see (a save, an evaluation).")
     walltime_reserve_seconds: float = doc(60.0, "Time kept before the deadline to write the final checkpoint (raised to 1.5x the measured save time when saves take longer).")
+
+
+@dataclass
+class ParallelConfig:
+    replicate_degree: int | str = doc(1, "Hybrid sharding (HSDP): model replicas, each sharded over world size / degree ranks (a 2-D mesh, replicate x shard); 1 = plain FSDP over every rank; 'auto' = one replica per node (world size / LOCAL_WORLD_SIZE).")
 
 
 @dataclass
@@ -113,12 +120,27 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = doc(False, "Also log to Weights & Biases (pip install 'gpt-simple[wandb]'; rank 0): one W&B run per training run, resumed by every job (see docs/orchestration.md).")
+    project: str = doc("gpt-simple", "W&B project.")
+    entity: str = doc("", "W&B entity (user or team); empty = the account's default.")
+    mode: str = doc("auto", "'online', 'offline' (files under dir, upload later with `wandb sync`), or 'auto' ($WANDB_MODE, else online).", choices=("auto", "online", "offline"))
+    name: str = doc("", "Display name of the W&B run; empty = the output_dir's folder name.")
+    group: str = doc("", "W&B group (e.g. a sweep or an ablation); empty = none.")
+    tags: list = doc([], "W&B tags, e.g. ['gpt2', 'ablation'].")
+    notes: str = doc("", "Free-text notes shown with the W&B run.")
+    dir: str = doc("", "Folder for W&B's local files (DIR/wandb/); empty = $WANDB_DIR if set, else output_dir.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,8 +167,20 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _type_name(typ) -> str:
+    return " or ".join(t.__name__ for t in typing.get_args(typ)) if isinstance(typ, types.UnionType) else typ.__name__
+
+
 def _coerce(where: str, value: Any, typ: type) -> Any:
     """Check one TOML value against the field's type; ints are accepted for floats."""
+    if isinstance(typ, types.UnionType):  # e.g. int | str: the first that fits
+        for option in typing.get_args(typ):
+            try:
+                return _coerce(where, value, option)
+            except ConfigError:
+                pass
+        shown = json.dumps(value) if not isinstance(value, str) else repr(value)
+        raise ConfigError(f"{where}: expected {_type_name(typ)}, got {type(value).__name__} {shown}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -212,8 +246,15 @@ def parse_overrides(args: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Defaults, then `base` (a run's recorded config: fields this version does not know are left out), then
+    the file, then the command-line overrides."""
     cfg = Config()
+    if base:
+        known = {section: {k: v for k, v in values.items() if k in _field_types(cls)}
+                 for section, cls in _section_classes().items() if isinstance(values := base.get(section), dict)}
+        _apply(cfg, known, "the checkpoint's recorded config")
     if path is not None:
         path = Path(path)
         try:
@@ -307,6 +348,8 @@ def validate(cfg: Config) -> None:
 
     _require(t.max_steps > 0, f"training.max_steps: must be > 0, got {t.max_steps}")
     _require(t.setup_timeout_seconds > 0, f"training.setup_timeout_seconds: must be > 0, got {t.setup_timeout_seconds}")
+    _require(t.collective_timeout_seconds > 0,
+             f"training.collective_timeout_seconds: must be > 0, got {t.collective_timeout_seconds}")
     _require(cfg.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {cfg.eval.every_steps}")
     _require(cfg.eval.tokens > 0, f"eval.tokens: must be > 0, got {cfg.eval.tokens}")
     _require(o.warmup_steps < t.max_steps,
@@ -323,6 +366,12 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, name) >= 0, f"training.{name}: must be >= 0, got {getattr(t, name)}")
     _require(bool(t.output_dir), "training.output_dir: must name a folder")
     _require(bool(t.resume), "training.resume: must be 'auto', 'scratch' or a checkpoint path")
+    _require(bool(cfg.wandb.project), "wandb.project: must name a W&B project")
+    _require(all(isinstance(tag, str) and tag for tag in cfg.wandb.tags),
+             f"wandb.tags: must be a list of non-empty strings, got {cfg.wandb.tags!r}")
+    r = cfg.parallel.replicate_degree
+    _require(r == "auto" or (isinstance(r, int) and r >= 1),
+             f"parallel.replicate_degree: must be an integer >= 1 or 'auto', got {r!r}")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:
@@ -332,6 +381,9 @@ def validate_world(cfg: Config, world_size: int) -> None:
     _require(t.global_batch_size % per_step == 0,
              f"training.global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x world size "
              f"({t.micro_batch_size} x {world_size} = {per_step})")
+    r = cfg.parallel.replicate_degree
+    _require(r == "auto" or world_size % r == 0,
+             f"parallel.replicate_degree ({r}) must divide the world size ({world_size})")
 
 
 def _validate_curriculum(phases: list) -> None:
@@ -391,7 +443,7 @@ def markdown_reference() -> str:
         out += [f"## [{section}]", "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(f"| `{f.name}` | {_field_types(cls)[f.name].__name__} | `{_toml_value(default)}` | "
+            out.append(f"| `{f.name}` | {_type_name(_field_types(cls)[f.name])} | `{_toml_value(default)}` | "
                        f"{f.metadata['doc']} |")
         out.append("")
     return "\n".join(out)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gpt_simple.checkpoint import (COMMITTED, META, CheckpointError, list_committed, load_model_state, meta_tokenizer,
-                                   model_config_from_meta, read_meta)
+                                   model_config_from_meta, read_meta, verify_checkpoint)
 from gpt_simple.config import ModelConfig
 from gpt_simple.run_dir import RunDir
 
@@ -55,9 +55,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
                       f"directory that has one)")
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict, Path]:
-    """(state dict named like GPT.state_dict(), model config, meta.json, checkpoint dir) of a checkpoint."""
+def load_checkpoint_model(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], ModelConfig, dict,
+                                                                         Path]:
+    """(state dict named like GPT.state_dict(), model config, meta.json, checkpoint dir) of a checkpoint. Its files
+    are first checked against CHECKSUMS.json, as training's load checks them (verify=False skips that; a checkpoint
+    saved before checksums existed is read unchecked): damaged weights must not leave as an export."""
     ckpt = resolve_checkpoint(path)
+    if verify:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; the checkpoint is damaged (`gpt-simple verify {ckpt.parent}` says which "
+                                  f"are intact: name one of them)") from None
     meta = read_meta(ckpt)
     cfg = model_config_from_meta(meta)
     state = {}
@@ -160,7 +169,7 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 
 # -- export -----------------------------------------------------------------------------------------------
 def export(checkpoint: str | Path, out: str | Path, hf: str = "auto", dtype: str = "float32",
-           tokenizer: str | None = None) -> dict:
+           tokenizer: str | None = None, verify: bool = True) -> dict:
     """Write OUT/gpt_simple.{safetensors,json} and (hf = 'auto' when compatible, 'yes' always) the HF layout.
 
     Returns a summary dict (paths, step, whether the HF layout was written and why not)."""
@@ -169,7 +178,7 @@ def export(checkpoint: str | Path, out: str | Path, hf: str = "auto", dtype: str
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder; give a folder to write the export into")
-    state, cfg, meta, ckpt = load_checkpoint_model(checkpoint)
+    state, cfg, meta, ckpt = load_checkpoint_model(checkpoint, verify)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     state = {k: v.to(dt) for k, v in state.items()}
     why_not_hf = hf_incompatibility(cfg)
@@ -235,10 +244,12 @@ def export_main(argv: list[str]) -> int:
     group.add_argument("--no-hf", action="store_true", help="skip the Hugging Face layout")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--tokenizer", help="tokenizer spec to record when the run's data.dir is not here")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint's files against their recorded checksums")
     args = parser.parse_args(argv)
     try:
         s = export(args.checkpoint, args.out, "yes" if args.hf else "no" if args.no_hf else "auto", args.dtype,
-                   args.tokenizer)
+                   args.tokenizer, args.verify)
     except (ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

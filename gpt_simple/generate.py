@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tokenizer", help="tokenizer spec, if the run's data.dir is not available here")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint's files against their recorded checksums")
     return parser
 
 
@@ -48,7 +50,7 @@ def generate_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         device = _device(args.device)
-        state, cfg, meta, ckpt = load_checkpoint_model(args.output_dir or args.checkpoint)
+        state, cfg, meta, ckpt = load_checkpoint_model(args.output_dir or args.checkpoint, args.verify)
         from gpt_simple.data.tokenizer import get_tokenizer
         try:
             tok = get_tokenizer(tokenizer_spec(meta, args.tokenizer))

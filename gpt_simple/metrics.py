@@ -1,5 +1,5 @@
 """What a run reports: the throughput meter (tokens/s, MFU, data wait, when a heartbeat is due) and the sinks
-(console, metrics.jsonl, TensorBoard; rank 0 only)."""
+(console, metrics.jsonl, TensorBoard, W&B; rank 0 only)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,10 @@ import time
 
 import torch
 
+from gpt_simple.config import Config
 from gpt_simple.run_dir import RunDir, truncate_jsonl
 from gpt_simple.runtime import log
+from gpt_simple.wandb_log import WandbSink, eval_scalars, scalars  # imports wandb only when a sink opens
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 GPU_PEAK_FLOPS = {
@@ -119,11 +121,14 @@ class ThroughputMeter:
 class MetricsLogger:
     """Writes one record per logged step to every sink; resumed runs first trim records past the resume step."""
 
-    def __init__(self, run_dir: RunDir, enabled: bool, tensorboard: bool, max_steps: int):
+    def __init__(self, run_dir: RunDir, enabled: bool, tensorboard: bool, max_steps: int, cfg: Config | None = None):
         self.enabled, self.max_steps = enabled, max_steps
         self.path, self.tb_dir = run_dir.metrics, run_dir.tensorboard
         self.use_tb = tensorboard
         self.writer = None
+        self.wandb = None  # gpt_simple.wandb_log.WandbSink when cfg.wandb.enabled (rank 0)
+        if enabled and cfg is not None and cfg.wandb.enabled:
+            self.wandb = WandbSink(cfg, run_dir)
         self.start = time.time()
         self.first_step = 0
 
@@ -137,6 +142,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step hides events of replayed steps from readers, as metrics.jsonl's truncation does.
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
+        if self.wandb is not None:
+            self.wandb.open(resume_step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -148,6 +155,8 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log("train", record["step"], scalars("train", record))
         elapsed = time.time() - self.start
         step = record["step"]
         done = step - self.first_step
@@ -169,6 +178,8 @@ class MetricsLogger:
             for bucket, value in record["loss_by_bucket"].items():
                 self.writer.add_scalar(f"eval/loss_{bucket}", value, record["step"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log("eval", record["step"], eval_scalars(record))
         buckets = " ".join(f"{b} {v:.4f}" for b, v in record["loss_by_bucket"].items())
         log.info(f"eval step {record['step']} | val loss {record['loss']:.4f} | ppl {record['ppl']:.2f} | "
                  f"{buckets} | {record['tokens']:,} tokens in {seconds:.1f}s")
@@ -176,8 +187,13 @@ class MetricsLogger:
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(name, step, {name: value})
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:  # after the run's status is final: the sink reports it
+            self.wandb.close()
+            self.wandb = None

@@ -1,5 +1,6 @@
-"""Process group, device, and the parallelize function: FSDP2 per block + root, mixed precision, AC, compile,
-and the reshard policy of a step's micro-batches. The only module that knows FSDP."""
+"""Process group, device mesh, and the parallelize function: FSDP2 per block + root (plain, or hybrid on a 2-D
+replicate x shard mesh), mixed precision, AC, compile, and the reshard policy of a step's micro-batches. The
+only module that knows FSDP."""
 from __future__ import annotations
 
 import datetime
@@ -9,9 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from gpt_simple.config import TrainingConfig
+from gpt_simple.config import ConfigError, TrainingConfig
 
 
 @dataclass
@@ -21,6 +23,11 @@ class Dist:
     world_size: int
     device: torch.device
     backend: str
+    mesh_shape: tuple[int, int] | None = None  # (replicate, shard), from parallel.replicate_degree (mesh_shape())
+
+    def __post_init__(self):
+        if self.mesh_shape is None:
+            self.mesh_shape = (1, self.world_size)
 
     @property
     def is_main(self) -> bool:
@@ -56,17 +63,60 @@ def init_distributed(device_choice: str, timeout_s: float = 1800) -> Dist:
     return Dist(rank, local_rank, world_size, device, backend)
 
 
-def set_collective_timeout(timeout_s: float) -> None:
+def set_collective_timeout(timeout_s: float, groups=None) -> None:
     """After set-up: collectives of the training loop (a save, an evaluation on one rank) may legitimately wait
-    longer than set-up should. Uses torch's private _set_pg_timeout where it exists (else the set-up bound stays)."""
+    longer than set-up should. Applies to every process group (the default one, the mesh's, the checkpoint
+    manager's): a gloo send to a peer that died mid-collective can wait on its group's timeout alone, so that is
+    what bounds how long the survivors of a lost node hang. Uses torch's private _set_pg_timeout where it exists
+    (else the bounds the groups were made with stay)."""
     setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-    if dist.is_initialized() and setter is not None:
-        setter(datetime.timedelta(seconds=timeout_s))
+    if not dist.is_initialized() or setter is None:
+        return
+    world = getattr(dist.distributed_c10d, "_world", None)
+    if groups is None:
+        groups = list(getattr(world, "pg_map", {})) or [None]
+    for group in groups:
+        try:
+            setter(datetime.timedelta(seconds=timeout_s), group)
+        except ValueError:  # a group this rank is not part of
+            pass
 
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def mesh_shape(degree: int | str, world_size: int, local_world_size: int | None = None) -> tuple[int, int]:
+    """(replicate, shard) for parallel.replicate_degree on `world_size` ranks. 'auto' is one replica per node:
+    torchrun numbers ranks node by node, LOCAL_WORLD_SIZE of them per node, so the shard groups (consecutive
+    ranks) stay inside a node and only the replicas' gradient all-reduce crosses the network."""
+    if degree == "auto":
+        local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if world_size % local:
+            raise ConfigError(f"parallel.replicate_degree = 'auto': the world size ({world_size}) is not a multiple "
+                              f"of the processes per node (LOCAL_WORLD_SIZE {local}); set the degree explicitly")
+        degree = world_size // local
+    if not isinstance(degree, int) or degree < 1 or world_size % degree:
+        raise ConfigError(f"parallel.replicate_degree ({degree}) must divide the world size ({world_size})")
+    return degree, world_size // degree
+
+
+def describe_mesh(shape: tuple[int, int]) -> str:
+    kind = "plain FSDP" if shape[0] == 1 else "HSDP" if shape[1] > 1 else "replicated"
+    return f"mesh {shape[0]}x{shape[1]} (replicate x shard; {kind})"
+
+
+def build_mesh(shape: tuple[int, int], device: torch.device, timeout_s: float | None = None) -> DeviceMesh | None:
+    """The 2-D mesh for fully_shard, or None for one replica: fully_shard's own default (a 1-D mesh over the
+    world), so that degree 1 runs exactly the code it always ran. Every rank must call it (it makes the groups,
+    which get the set-up bound `timeout_s` like the default group, not torch's 30 minutes)."""
+    if shape[0] == 1:
+        return None
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+    if timeout_s is not None:
+        set_collective_timeout(timeout_s, [mesh.get_group(0), mesh.get_group(1)])
+    return mesh
 
 
 def compute_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype:
@@ -75,8 +125,11 @@ def compute_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype
     return torch.float32
 
 
-def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device) -> nn.Module:
-    """Shard each block, then the root (embeddings, final norm, head), in place; returns the same module.
+def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device,
+                mesh: DeviceMesh | None = None) -> nn.Module:
+    """Shard each block, then the root (embeddings, final norm, head), in place; returns the same module. With a
+    2-D mesh (build_mesh) FSDP2 shards over its inner dimension and replicates over the outer one (HSDP): the
+    gradients are reduce-scattered inside a shard group, then all-reduced across the replicas.
 
     The model arrives fully initialised and identical on every rank, so sharding keeps each rank's slice of
     the same weights and initialisation does not depend on the world size.
@@ -93,11 +146,12 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
     model.to(device)
     # On one rank resharding frees nothing (the shard is the whole tensor) and each re-gather is a copy of
     # every weight: keep the blocks gathered through the step (prepare_micro_batch reshards after the last one).
-    sharded = dist.is_initialized() and dist.get_world_size() > 1
+    sharded = dist.is_initialized() and (mesh.size(1) if mesh is not None else dist.get_world_size()) > 1
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again at once by the root's backward: keep them gathered.
-        fully_shard(block, mp_policy=policy, reshard_after_forward=sharded and i < len(model.blocks) - 1)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=sharded and i < len(model.blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

@@ -32,12 +32,14 @@ class RunDir:
     audit = property(lambda self: self.path / "data_audit.jsonl")
     logs = property(lambda self: self.path / "logs")
     lease = property(lambda self: self.path / "LEASE")  # one live job per run: gpt_simple/lease.py
+    # the W&B run of this training run (its id, and the highest step sent per kind): gpt_simple/wandb_log.py
+    wandb = property(lambda self: self.path / "wandb.json")
 
     def run_files(self) -> list[Path]:
         """What a run writes: removed by training.resume = 'scratch' with --force (logs/ belong to the
-        orchestrator and stay)."""
+        orchestrator and stay; so do W&B's own files: a new wandb.json means a new W&B run beside the old)."""
         return [self.checkpoints, self.state, self.events, self.metrics, self.tensorboard, self.audit,
-                self.halted, self.stop, self.config]
+                self.halted, self.stop, self.config, self.wandb]
 
     def clear(self) -> None:
         for path in self.run_files():

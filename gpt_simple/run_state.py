@@ -43,6 +43,8 @@ class RunState:
             # transient failures in a row, and the step of the last one (progress past it resets the count)
             "transient_failures": previous.get("transient_failures", 0) if previous else 0,
             "transient_step": previous.get("transient_step") if previous else None,
+            # the last measured save times {"sync", "async"} (s): the stop decision budgets with them from step 0
+            "save_s": previous.get("save_s") if previous else None,
         }
         self.previous_step = int(previous.get("step") or 0) if previous else 0
         self.lease = None  # gpt_simple.lease.Lease of this launch (rank 0): refreshed with every write

@@ -151,6 +151,26 @@ class StopPolicy:
                     f"at least {budget:.0f}")
         return None
 
+    def measured(self) -> dict:
+        """The save times measured so far, as run_state.json carries them to the next launch (carry_over)."""
+        return {"sync": self.sync_save_seconds, "async": self.async_save_seconds}
+
+    def carry_over(self, sync_seconds: float, async_seconds: float) -> str | None:
+        """The previous launch's measured save times (run_state.json): a resumed launch has measured nothing yet,
+        and its first stop decision would otherwise trust the configured reserve alone. Returns the warning when
+        they overrule the reserve (said once per launch, as record_save says it), else None."""
+        self.sync_save_seconds = self.sync_save_seconds or max(0.0, sync_seconds)
+        self.async_save_seconds = self.async_save_seconds or max(0.0, async_seconds)
+        budget = self.save_budget()
+        if budget > self.reserve and not self.overruled and self.deadline.at is not None:
+            self.overruled = True
+            measured = self.sync_save_seconds or self.async_save_seconds
+            return (f"the previous launch measured a save of {measured:.1f}s, more than "
+                    f"training.walltime_reserve_seconds = {self.reserve:g} allows: the stop decision keeps "
+                    f"{budget:.1f}s ({SAVE_MARGIN:g} x the measured save) before the deadline; set the reserve to "
+                    f"at least {budget:.0f}")
+        return None
+
     def save_budget(self) -> float:
         measured = self.sync_save_seconds or self.async_save_seconds
         return max(self.reserve, SAVE_MARGIN * measured)

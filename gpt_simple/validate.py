@@ -66,9 +66,24 @@ def _resume_state(cfg: Config, stream) -> tuple[dict, str | None]:
     return stream.state_dict(), path.name
 
 
+def _mesh_line(cfg: Config) -> str:
+    """The device mesh this launch would train on: the world size torchrun / srun gave this process (WORLD_SIZE),
+    else the degree alone (validate usually runs outside the job); a degree that does not divide it is an error."""
+    import os
+    from gpt_simple.parallel import describe_mesh, mesh_shape
+    degree = cfg.parallel.replicate_degree
+    if "WORLD_SIZE" not in os.environ:
+        shape = {1: "plain FSDP over every rank", "auto": "one replica per node (HSDP when on several nodes)"}
+        return (f"parallel.replicate_degree = {degree!r}: "
+                + shape.get(degree, f"mesh {degree}x(world size / {degree}) (replicate x shard; HSDP)"))
+    world = int(os.environ["WORLD_SIZE"])
+    return f"parallel.replicate_degree = {degree!r}: {describe_mesh(mesh_shape(degree, world))} on world size {world}"
+
+
 def check(cfg: Config) -> Report:
     from gpt_simple.data import demo_buckets, open_data
     from gpt_simple.data.stream import DataStream
+    from gpt_simple.eval import validation_buckets
 
     rep = Report()
     d, t = cfg.data, cfg.training
@@ -77,16 +92,22 @@ def check(cfg: Config) -> Report:
         ensure_demo(d.dir, demo_buckets(cfg))
     buckets = open_data(cfg)
     first = next(iter(buckets.values()))
+    rep(_mesh_line(cfg))
     from gpt_simple.data import epochs
     stream = DataStream(buckets, d.curriculum, d.seq_len, d.seed, d.allow_bucket_exhaustion,
                         t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0, epochs=epochs(cfg))
     need, g = d.seq_len + 1, t.global_batch_size
     rep(f"data.dir {d.dir}: {len(buckets)} bucket(s), tokenizer {first.tokenizer} (vocabulary {first.vocab_size}, "
         f"model.vocab_size {cfg.model.vocab_size})")
-    rep(f"  {'bucket':<16}{'documents':>12}{'tokens':>16}{'sequences':>12}{'passes':>8}   (a sequence reads {need} "
-        f"tokens; each document adds 1 end-of-document token; tokens and sequences count every allowed pass)")
+    splits = validation_buckets(cfg, list(stream.readers))
+    rep(f"  {'bucket':<16}{'documents':>12}{'tokens':>16}{'sequences':>12}{'passes':>8}{'val docs':>10}"
+        f"{'val tokens':>12}   (a sequence reads {need} tokens; each document adds 1 end-of-document token; tokens "
+        f"and sequences count every allowed pass)")
     for name, r in stream.readers.items():
-        rep(f"  {name:<16}{r.bucket.n_docs:>12,}{r.total:>16,}{r.total // need:>12,}{r.passes:>8}")
+        val = splits.get(name)
+        rep(f"  {name:<16}{r.bucket.n_docs:>12,}{r.total:>16,}{r.total // need:>12,}{r.passes:>8}"
+            f"{val.n_docs if val else 0:>10,}{val.n_tokens + val.n_docs if val else 0:>12,}")
+    _eval_line(rep, cfg, splits)
 
     state, resumed = _resume_state(cfg, stream)
     done_steps = state["step"]
@@ -129,6 +150,23 @@ def check(cfg: Config) -> Report:
     _passes(rep, stream, state, demand, need)
     _verdict(rep, actual, demand, capacity, g, start, cfg)
     return rep
+
+
+def _eval_line(rep: Report, cfg: Config, splits: dict) -> None:
+    """What each evaluation reads; an evaluation asked for without any split is an error here, as in the run."""
+    from gpt_simple.eval import no_split_message, validation_sequences
+    e = cfg.eval
+    if not (e.every_steps > 0 or e.at_end):
+        rep(f"eval: off (eval.every_steps = 0, eval.at_end = false); {len(splits)} bucket(s) have a validation split")
+        return
+    if not splits:
+        rep.errors.append(no_split_message(cfg))
+        return
+    when = " and ".join(([f"every {e.every_steps:,} steps"] if e.every_steps > 0 else []) +
+                        (["at the end"] if e.at_end else []))
+    reads = ", ".join(f"{name} {len(validation_sequences(b, cfg.data.seq_len, e.tokens)) * cfg.data.seq_len:,}"
+                      for name, b in splits.items())
+    rep(f"eval: {when}; tokens per evaluation (eval.tokens = {e.tokens:,} per bucket, capped by the split): {reads}")
 
 
 def _passes(rep: Report, stream, state: dict, demand: Prediction, need: int) -> None:

@@ -11,7 +11,8 @@
 #   halted  (HALTED)                       -> stop, exit 3 (a data bucket ran dry: a human must decide)
 #   failed  (ERROR, CRASHED, unreadable)   -> stop, exit 1, with the status' reason
 #   resume  (STOPPED, RUNNING)             -> run the next attempt (after GPT_SIMPLE_RETRY_DELAY seconds)
-#   held    (another live job holds the run's lease) -> do not train, exit 5 (neither success nor failure)
+#   held    (another live job holds the run's lease, or the trainer exited 75 for that reason)
+#                                          -> do not train, exit 5 (neither success nor failure)
 #   start   (no run yet)                   -> the first attempt; after an attempt: exit 1 (no state was written)
 # More than GPT_SIMPLE_MAX_ATTEMPTS attempts -> stop, exit 4 (the run is resumable: start the loop again).
 # SIGINT/SIGTERM/SIGUSR1 to this script: the trainer is asked to save and stop, and the loop ends with
@@ -103,6 +104,7 @@ while :; do
   log "attempt $attempt/$MAX_ATTEMPTS: ${cmd[*]} (log $logfile)"
   run_trainer "$logfile" "${cmd[@]}"
   read_status
+  held_after  # exit 75: another job held the run; not progress, not a failure
   log "attempt $attempt: trainer exit code $RC; run status $STATUS"
   if finished; then exit "$EXIT"; fi
   if [ "$ACTION" = start ]; then

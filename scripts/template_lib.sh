@@ -12,11 +12,26 @@
 # and gets:
 #   read_status                       sets STATUS, ACTION, REASON
 #   run_trainer LOGFILE COMMAND...    sets RC (and TRAINER_PID while the trainer runs)
+#   held_after                        after run_trainer + read_status: ACTION=held when the trainer exited 75
 
 # STATUS (word), ACTION and REASON from the one line `status.py OUTDIR --decision` prints (docs/orchestration.md)
 read_status() {
   IFS=$'\t' read -r STATUS ACTION REASON <<<"$("$PYTHON" "$GPT_SIMPLE_HOME/status.py" "$OUTDIR" --decision)"
   [ -n "$REASON" ] || { STATUS=UNREADABLE ACTION=failed REASON="status.py gave no decision (its error is above)"; }
+}
+
+EXIT_HELD=75  # the trainer's exit code when another live job holds the run's lease (gpt_simple/lease.py)
+
+# After an attempt (run_trainer, then read_status): a trainer that exited EXIT_HELD found another live job
+# holding the run and wrote nothing. read_status says `held` while that job lives; if it has ended since (or
+# never wrote a state), the status alone would read resume or start, and the attempt would count as progress,
+# or as a failure (no state after an attempt). It was neither. Under torchrun RC is torchrun's own (1), so
+# only the lease, through read_status, tells.
+held_after() {
+  if [ "${RC:-}" = "$EXIT_HELD" ] && { [ "$ACTION" = start ] || [ "$ACTION" = resume ]; }; then
+    ACTION=held
+    REASON="the trainer found another live job holding this run (exit $EXIT_HELD) and did not train; the run is now $STATUS"
+  fi
 }
 
 TRAINER_PID=""

@@ -224,8 +224,9 @@ log "training output: $JOBLOG"
 run_trainer "$JOBLOG" "${cmd[@]}"
 rm -f "$LAUNCH_MARK"
 
-# 4. Decide from the status, not from the exit code.
+# 4. Decide from the status, not from the exit code (but for 75: another job held the run, see held_after).
 read_status
+held_after
 log "trainer exited with code $RC; run status: $STATUS"
 case $ACTION in
   held)  # another job took the run before this one could: not a failure of the run; the successor stays

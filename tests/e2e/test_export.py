@@ -168,7 +168,8 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
     cases = [
         (["export", str(tmp_path / "nowhere"), str(tmp_path / "o1")], "no committed checkpoint here"),
         (["export", str(partial), str(tmp_path / "o2")], "not a committed checkpoint (no COMMITTED marker"),
-        (["export", str(broken), str(tmp_path / "o3")], "cannot read the model tensors"),
+        (["export", str(broken), str(tmp_path / "o3")], "__0_0.distcp: checksum mismatch"),
+        (["export", str(broken), str(tmp_path / "o3"), "--no-verify"], "cannot read the model tensors"),
         (["export", str(run), str(a_file)], "exists and is not a folder"),
         (["generate", "--output_dir", str(tmp_path / "nowhere")], "no committed checkpoint here"),
         (["generate", "--output_dir", str(run), "--device", "cuda:7"], "not available on this machine"),

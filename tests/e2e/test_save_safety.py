@@ -123,3 +123,25 @@ def test_the_shutdown_save_fits_before_the_deadline_when_the_reserve_is_too_smal
     assert "the stop decision now keeps" in stderr  # the measured figure overruled the reserve, said once
     assert stderr.count("the stop decision now keeps") == 1
     assert [e for e in events(out) if e["event"] == "save_budget"]
+
+
+def test_a_resumed_launch_budgets_its_first_stop_with_the_save_time_measured_before(tmp_path, demo_data):
+    """A launch without periodic saves measures nothing before its shutdown save. The save time the previous launch
+    measured (carried in run_state.json) budgets its stop from the first step: with a 0.2 s reserve and 2 s writes,
+    the shutdown checkpoint is still committed before the deadline (with the reserve alone it lands after)."""
+    out = tmp_path / "run"
+    run_train(out, demo_data, "--training.max_steps", "3", env=child_env(**{SAVE_DELAY_ENV: "2"}))
+    measured = json.loads((out / "run_state.json").read_text())["save_s"]["sync"]
+    assert measured >= 2  # the final save, with its 2 s write
+
+    env = child_env(GPT_SIMPLE_MAX_RUNTIME="20", **{SAVE_DELAY_ENV: "2"})
+    proc = run_train(out, demo_data, "--training.max_steps", "100000", "--training.walltime_reserve_seconds", "0.2",
+                     "--training.log_steps", "50", env=env, timeout=120)
+    assert "the previous launch measured a save of" in proc.stderr, proc.stderr[-2000:]
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["status"] == "STOPPED" and state["reason"].startswith("deadline"), state
+    last = out / "checkpoints" / f"step-{state['step']}-shutdown"
+    committed_at = json.loads((last / "COMMITTED").read_text())["committed_at"]
+    assert committed_at < state["deadline_at"], (committed_at, state["deadline_at"])
+    (budget,) = [e for e in events(out) if e["event"] == "save_budget"]
+    assert budget["launch"] == 2 and budget["carried"] and budget["measured_s"] == measured

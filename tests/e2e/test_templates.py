@@ -12,12 +12,10 @@ CI) turns that skip into a failure.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,113 +23,25 @@ import pytest
 import yaml
 
 from helpers.paths import ROOT as REPO
+from helpers.templates import (K8S_VERSION, PYTHON, TERMINAL, assert_bash_syntax, assert_same_losses,  # noqa: F401
+                               clean_env, container_env, end_events, events, finish_reference, launches, logged_steps,
+                               loss_trace, manifest_objects, start_reference, status_of, tiny_args, wait_for)
 
-PYTHON = sys.executable
 LOCAL_LOOP = REPO / "scripts" / "local_loop.sh"
 CHAIN = REPO / "slurm" / "resume_chain.sh"
 CI_SLURM = REPO / "scripts" / "ci_slurm.sh"
 K8S_JOB = REPO / "k8s" / "job.yaml"
 SHELL_SCRIPTS = [CHAIN, LOCAL_LOOP, CI_SLURM]
-# A recent Kubernetes release whose schemas kubernetes-validate ships (it carries 1.25 ... 1.37).
-K8S_VERSION = "1.33.0"
-TERMINAL = {"COMPLETED", "HALTED", "ERROR", "CRASHED"}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
 def k8s_objects() -> dict[str, dict]:
-    docs = [d for d in yaml.safe_load_all(K8S_JOB.read_text()) if d]
-    return {d["kind"]: d for d in docs}
+    return manifest_objects(K8S_JOB)
 
 
 def entrypoint_text() -> str:
     return k8s_objects()["ConfigMap"]["data"]["entrypoint.sh"]
-
-
-def container_env(job: dict) -> dict[str, str]:
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process' environment without anything that would change a run's deadline or settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "GPT_SIMPLE_", "TORCHELASTIC_"))
-           and k not in ("NPROC", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    # one thread per run: runs side by side on 2 cores, and the same float reductions in every run
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHON=PYTHON, PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def status_of(outdir: Path) -> str:
-    r = subprocess.run([PYTHON, str(REPO / "status.py"), str(outdir)], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, f"status.py {outdir}: exit {r.returncode}\n{r.stdout}{r.stderr}"
-    return r.stdout.splitlines()[0].strip()
-
-
-def events(outdir: Path) -> list[dict]:
-    path = outdir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def launches(outdir: Path) -> list[list[dict]]:
-    """events.jsonl split per launch (one launch = one training process)."""
-    out: dict[int, list[dict]] = {}
-    for e in events(outdir):
-        out.setdefault(e["launch"], []).append(e)
-    return [out[k] for k in sorted(out)]
-
-
-def end_events(launch: list[dict]) -> list[dict]:
-    return [e for e in launch if e["event"] in ("stop", "complete", "halt", "error")]
-
-
-def loss_trace(outdir: Path) -> list[tuple[int, float]]:
-    lines = (outdir / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"]) for r in map(json.loads, filter(str.strip, lines))]
-
-
-def assert_same_losses(run: Path, reference: Path) -> None:
-    got, want = loss_trace(run), loss_trace(reference)
-    assert [s for s, _ in got] == [s for s, _ in want], "logged steps differ (a step skipped or repeated)"
-    diff = [(s, a, b) for (s, a), (_, b) in zip(got, want) if a != b]
-    assert not diff, f"{len(diff)} losses differ from the uninterrupted run, first: {diff[:3]}"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def logged_steps(outdir: Path) -> int:
-    path = outdir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def tiny_args(demo: Path, max_steps: int, reserve: float) -> list[str]:
-    return ["--data.dir", str(demo), "--training.max_steps", str(max_steps), "--training.log_steps", "1",
-            "--training.walltime_reserve_seconds", str(reserve), "--training.tensorboard", "false",
-            "--eval.every_steps", "0", "--eval.at_end", "false"]   # evaluation in chains: tests/e2e/test_eval.py
-
-
-def start_reference(demo: Path, outdir: Path, max_steps: int) -> subprocess.Popen:
-    """An uninterrupted run of the same config (no deadline), started beside the orchestrated one."""
-    log = open(outdir.parent / f"{outdir.name}.log", "w")
-    return subprocess.Popen([PYTHON, str(REPO / "train.py"), "--config", "configs/tiny.toml",
-                             "--training.output_dir", str(outdir), *tiny_args(demo, max_steps, 10)],
-                            cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
-
-
-def finish_reference(proc: subprocess.Popen, outdir: Path) -> None:
-    assert proc.wait(timeout=600) == 0, (outdir.parent / f"{outdir.name}.log").read_text()[-3000:]
-    assert status_of(outdir) == "COMPLETED"
-    assert len(launches(outdir)) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,10 +55,7 @@ def test_shell_syntax(script: Path):
 
 
 def test_k8s_entrypoint_syntax(tmp_path):
-    script = tmp_path / "entrypoint.sh"
-    script.write_text(entrypoint_text())
-    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert_bash_syntax(entrypoint_text(), tmp_path)
 
 
 def test_k8s_manifests_match_the_kubernetes_schemas():
@@ -390,8 +297,20 @@ def test_k8s_entrypoint_restarts_until_completed(tmp_path, demo_data):
     script = write_entrypoint(tmp_path)
     env = entrypoint_env(tmp_path, out, demo_data, steps, GPT_SIMPLE_MAX_RUNTIME="15")
     backoff_limit = k8s_objects()["Job"]["spec"]["backoffLimit"]
-    codes = []
-    for _ in range(backoff_limit + 1):  # what restartPolicy OnFailure does with the exit code
+    # The first pod is deleted (SIGTERM, as on preemption) a few steps in, so the run takes two attempts or more
+    # however fast this machine trains; the later ones stop on their deadline or complete.
+    first = subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: logged_steps(out) >= 5 or first.poll() is not None, 120, "the first pod's first steps")
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    codes = [first.returncode]
+    assert first.returncode == 75 and status_of(out) == "STOPPED", output[-3000:]
+    while codes[-1] != 0 and len(codes) <= backoff_limit:  # what restartPolicy OnFailure does with the exit code
         r = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         codes.append(r.returncode)
         if r.returncode == 0:

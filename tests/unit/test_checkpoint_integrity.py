@@ -160,3 +160,35 @@ def test_no_deadline_no_warning(tmp_path):
     p = StopPolicy(tmp_path, Deadline(None, "none", []), 1.0, StopFlags())
     assert p.record_save(100.0, asynchronous=False) is None
     assert not p.votes(1.0).deadline
+
+
+def test_a_resumed_launch_starts_with_the_previous_launchs_measurement(tmp_path):
+    p = policy(tmp_path, reserve=1)
+    warning = p.carry_over(4.0, 6.0)  # run_state.json's save_s of the launch before
+    assert warning and "previous launch measured a save of 4.0s" in warning
+    assert p.save_budget() == SAVE_MARGIN * 4  # from the first step, before this launch has saved
+    assert p.record_save(2.0, asynchronous=False) is None  # said once per launch
+    assert p.save_budget() == max(1, SAVE_MARGIN * 2)  # this launch's own measurement replaces it
+    assert p.measured() == {"sync": 2.0, "async": 6.0}
+    assert policy(tmp_path, reserve=10).carry_over(4.0, 0.0) is None  # within the reserve: nothing to say
+    fresh = policy(tmp_path, reserve=1)
+    assert fresh.carry_over(0.0, 0.0) is None and fresh.save_budget() == 1  # nothing measured before
+
+
+# -- export and generate check the checksums as training's load does ------------------------------------------------
+def test_export_and_generate_refuse_a_damaged_checkpoint_naming_the_file(tmp_path, capsys):
+    from gpt_simple.export import export_main
+    from gpt_simple.generate import generate_main
+    mgr, _, _ = tiny_trained_manager(tmp_path)
+    mgr.save(1, "final")
+    ckpt = mgr.root / "step-1-final"
+    assert export_main([str(ckpt), str(tmp_path / "ok"), "--no-hf"]) == 0
+    capsys.readouterr()
+    flip_tensor_byte(ckpt)
+    for command in (lambda: export_main([str(tmp_path), str(tmp_path / "out")]),
+                    lambda: generate_main(["--checkpoint", str(ckpt), "--tokenizer", "byte"])):
+        assert command() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "__0_0.distcp: checksum mismatch" in err[0], err
+    assert not (tmp_path / "out").exists()  # nothing exported
+    assert export_main([str(ckpt), str(tmp_path / "out"), "--no-verify", "--no-hf"]) == 0  # the switch, as asked

@@ -109,7 +109,7 @@ def test_transient_classification():
     import torch.distributed as dist
 
     from gpt_simple.config import ConfigError
-    from gpt_simple.trainer import SetupFailed, is_transient
+    from gpt_simple.launch import SetupFailed, is_transient
     assert is_transient(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [1.2.3.4]:1"))
     assert is_transient(RuntimeError("Gloo connectFullMesh failed with ... Connection refused"))
     assert is_transient(dist.DistNetworkError("Connection reset by peer"))
@@ -122,7 +122,7 @@ def test_transient_classification():
 
 def test_transient_cap(tmp_path):
     from gpt_simple.run_state import ERROR, STOPPED, RunState
-    from gpt_simple.trainer import TRANSIENT_CAP, _record_transient
+    from gpt_simple.launch import TRANSIENT_CAP, _record_transient
     for i in range(TRANSIENT_CAP):
         rs = RunState(tmp_path)
         _record_transient(rs, "peer lost", 5)
