@@ -11,7 +11,7 @@
 
     python bench/eval.py            # 7 rounds; the whole default run
     python bench/eval.py --quick    # 3 rounds; 100 steps
-    python bench/eval.py --smoke    # a check that it works (tiny figures, 20 steps)
+    python bench/eval.py --smoke    # a check that it works (tiny figures, 10 steps)
 """
 from __future__ import annotations
 
@@ -86,12 +86,13 @@ def rate_rows(mode: Mode) -> list[dict]:
 
 
 def share_rows(mode: Mode) -> list[dict]:
-    steps = mode.pick(300, 100, 20)
-    every = mode.pick(100, 50, 10)
+    steps = mode.pick(300, 100, 10)
+    every = mode.pick(100, 50, 5)
     with tempfile.TemporaryDirectory(prefix="gpt-simple-bench-eval-") as out:
         cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.toml"),
                "--training.output_dir", out, "--training.max_steps", str(steps), "--eval.every_steps", str(every),
-               "--training.log_steps", "1", "--training.tensorboard", "false", *mode.overrides()]
+               "--training.log_steps", "1", "--training.tensorboard", "false", *mode.overrides(),
+               *(["--eval.tokens", "2048"] if mode.smoke else [])]
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         wall = time.perf_counter() - started
