@@ -7,6 +7,7 @@ checkpoint holds is the dict `parts` built in __init__, and nothing else.
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 
@@ -26,6 +27,11 @@ from gpt_simple.run_dir import RunDir, append_jsonl, truncate_jsonl, write_atomi
 from gpt_simple.run_state import COMPLETED, HALTED, RUNNING, STOPPED, RunState
 from gpt_simple.runtime import agree, all_reduce_max, log
 from gpt_simple.state import ModelOptimizer, RNGState, RunInfo, TrainState
+
+
+# Test knob: every step takes at least this long (seconds). Deadline-driven chain tests set it so that a job
+# cannot train more steps than they plan for, however fast the machine. Unset in production.
+STEP_DELAY_ENV = "GPT_SIMPLE_STEP_DELAY_S"
 
 
 class Halt(Exception):
@@ -94,6 +100,7 @@ class Trainer:
         self.metrics.open(self.train.step)
         closing.callback(self.metrics.close)
         self.audit = self.run_dir.audit if cfg.data.audit and d.is_main else None
+        self.step_floor_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
         if self.audit:
             truncate_jsonl(self.audit, self.train.step)
 
@@ -142,6 +149,8 @@ class Trainer:
                 raise Halt(e) from None
             self.meter.batch_ready()
             loss, grad_norm, lr = self.train_step(batch)
+            if self.step_floor_s:
+                time.sleep(self.step_floor_s)
             self.record(batch, loss, grad_norm, lr)
             self.meter.step_ended()
             self.maybe_evaluate()
