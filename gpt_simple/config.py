@@ -381,9 +381,6 @@ def validate_world(cfg: Config, world_size: int) -> None:
     _require(t.global_batch_size % per_step == 0,
              f"training.global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x world size "
              f"({t.micro_batch_size} x {world_size} = {per_step})")
-    r = cfg.parallel.replicate_degree
-    _require(r == "auto" or world_size % r == 0,
-             f"parallel.replicate_degree ({r}) must divide the world size ({world_size})")
 
 
 def _validate_curriculum(phases: list) -> None:

@@ -50,6 +50,12 @@ def no_split_message(cfg: Config) -> str:
             f"--val-docs N`, or set eval.every_steps = 0 and eval.at_end = false")
 
 
+def describe(record: dict) -> str:
+    """An evaluation record as the console shows it: 'val loss L | ppl P | code Lc prose Lp'."""
+    buckets = " ".join(f"{b} {v:.4f}" for b, v in record["loss_by_bucket"].items())
+    return f"val loss {record['loss']:.4f} | ppl {record['ppl']:.2f} | {buckets}"
+
+
 def validation_sequences(bucket: Bucket, seq_len: int, tokens: int) -> np.ndarray:
     """(n, seq_len + 1) int64: the bucket's first windows, n = min(ceil(tokens / seq_len), what it holds)."""
     want = -(-tokens // seq_len) * (seq_len + 1)

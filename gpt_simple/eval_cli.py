@@ -64,7 +64,7 @@ def eval_main(argv: list[str]) -> int:
 def _evaluate(cfg, ckpt: Path, meta: dict, names: list[str], as_json: bool) -> int:
     import torch
 
-    from gpt_simple.eval import Evaluator, validation_buckets
+    from gpt_simple.eval import Evaluator, describe, validation_buckets
     from gpt_simple.export import build_model
     from gpt_simple.parallel import init_distributed, parallelize, shutdown_distributed
     d = init_distributed(cfg.training.device, cfg.training.setup_timeout_seconds)
@@ -89,7 +89,6 @@ def _evaluate(cfg, ckpt: Path, meta: dict, names: list[str], as_json: bool) -> i
         if as_json:
             print(json.dumps(record))
         else:
-            buckets = " ".join(f"{b} {v:.4f}" for b, v in record["loss_by_bucket"].items())
-            log.info(f"eval {ckpt} (step {record['step']}) | val loss {record['loss']:.4f} | ppl {record['ppl']:.2f}"
-                     f" | {buckets} | {record['tokens']:,} tokens in {evaluator.last_seconds:.1f}s")
+            log.info(f"eval {ckpt} (step {record['step']}) | {describe(record)} | {record['tokens']:,} tokens in "
+                     f"{evaluator.last_seconds:.1f}s")
     return 0

@@ -8,6 +8,7 @@ import time
 import torch
 
 from gpt_simple.config import Config
+from gpt_simple.eval import describe as describe_eval
 from gpt_simple.run_dir import RunDir, truncate_jsonl
 from gpt_simple.runtime import log
 from gpt_simple.wandb_log import WandbSink, eval_scalars, scalars  # imports wandb only when a sink opens
@@ -180,9 +181,8 @@ class MetricsLogger:
             self.writer.flush()
         if self.wandb is not None:
             self.wandb.log("eval", record["step"], eval_scalars(record))
-        buckets = " ".join(f"{b} {v:.4f}" for b, v in record["loss_by_bucket"].items())
-        log.info(f"eval step {record['step']} | val loss {record['loss']:.4f} | ppl {record['ppl']:.2f} | "
-                 f"{buckets} | {record['tokens']:,} tokens in {seconds:.1f}s")
+        log.info(f"eval step {record['step']} | {describe_eval(record)} | {record['tokens']:,} tokens in "
+                 f"{seconds:.1f}s")
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None:

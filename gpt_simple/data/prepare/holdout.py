@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_simple.data.shards import VAL_SPLIT, Shard, ShardWriter
+
 _MASK = (1 << 64) - 1
 
 
@@ -60,10 +61,7 @@ class Holdout:
         if not self._heap:
             return []
         chosen = self.chosen()
-        writer = ShardWriter(prefix, vocab_size, tokenizer, eos)
-        for _, tokens in chosen:
-            writer.add(tokens)
-        writer.close()
+        write_docs(prefix, chosen, vocab_size, tokenizer, eos)
         return [ordinal for ordinal, _ in chosen]
 
     def load(self, prefix: Path, ordinals: list[int]) -> None:
@@ -77,11 +75,17 @@ class Holdout:
             heapq.heappush(self._heap, (-doc_key(self.seed, ordinal), ordinal, tokens))
 
 
-def write_split(folder: Path, chosen: list[tuple[int, np.ndarray]], vocab_size: int, tokenizer: str,
-                eos: int) -> int:
-    """The split's shard in BUCKET/val; returns its tokens."""
-    writer = ShardWriter(folder / VAL_SPLIT / "shard-00000", vocab_size, tokenizer, eos)
+def write_docs(prefix: Path, chosen: list[tuple[int, np.ndarray]], vocab_size: int, tokenizer: str,
+               eos: int) -> int:
+    """The documents of `chosen` ((ordinal, tokens), in that order) as one shard PREFIX.{bin,idx}; its tokens."""
+    writer = ShardWriter(prefix, vocab_size, tokenizer, eos)
     for _, tokens in chosen:
         writer.add(tokens)
     writer.close()
     return writer.n_tokens
+
+
+def write_split(folder: Path, chosen: list[tuple[int, np.ndarray]], vocab_size: int, tokenizer: str,
+                eos: int) -> int:
+    """The split's shard in BUCKET/val; returns its tokens."""
+    return write_docs(folder / VAL_SPLIT / "shard-00000", chosen, vocab_size, tokenizer, eos)
