@@ -9,7 +9,7 @@ best over a few square sizes and the model's own largest product (its MLP: micro
 """
 from __future__ import annotations
 
-from gpt_simple.metrics import matmul_rate
+from gpt_simple.flops import matmul_rate
 
 SQUARES = (512, 1024, 2048)
 

@@ -1,5 +1,6 @@
 """Holding the real trainer at its step boundary, so that it can take turns with other work, without changing
-the trainer: StepGate stands in for Trainer.stop_check, the first thing of every step of Trainer.run_loop.
+the trainer: StepGate stands in for Trainer.agree (the step boundary's agreement), the first thing of every step
+of Trainer.run_loop.
 
 In one process (bench/throughput.py) the work in between is a function. Across processes:
 
@@ -14,6 +15,7 @@ does. The gate restarts the trainer's metrics window after the wait, so the run'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,28 +25,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.launch import BENCH_CONFIG, TrainRun  # noqa: E402
 from bench.models import load, trainer_in_process  # noqa: E402
 
-DONE = "benchmark done"
 POLL_S = 0.005
 IDLE_TIMEOUT_S = 1800  # no word from the driver for this long (it died): stop
 
 
 class StepGate:
     """At each step boundary: record the time of the step just finished, run `between(k)` (k = steps done so
-    far), restart the trainer's metrics window, then run the real stop check. Returns DONE after `steps`."""
+    far), restart the trainer's metrics window, then run the real agreement. After `steps` the agreed votes
+    say "stop file" (the loop ends as `gpt-simple stop` ends it) and `done` is set."""
 
     def __init__(self, trainer, between, steps: int):
         self.trainer, self.between, self.steps = trainer, between, steps
-        self.check = trainer.stop_check
-        trainer.stop_check = self  # run_loop calls self.stop_check(): the instance attribute wins
+        self.check = trainer.agree
+        trainer.agree = self  # run_loop calls self.agree(): the instance attribute wins
         self.samples: list[float] = []
         self.mark: float | None = None
+        self.done = False
 
-    def __call__(self) -> str | None:
+    def __call__(self):
         now = time.perf_counter()
         if self.mark is not None:
             self.samples.append(now - self.mark)
         if len(self.samples) >= self.steps:
-            return DONE
+            self.done = True
+            return dataclasses.replace(self.check(), stop_file=True)
         self.between(len(self.samples))
         self.trainer.meter.reset_window()
         self.mark = time.perf_counter()

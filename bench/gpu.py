@@ -6,7 +6,7 @@ steps on the embedded demo corpus (byte-level tokens; no download) with an async
 and the synchronous final save at the end. Reported, from the run's own metrics.jsonl and events.jsonl:
 
   * tokens/s and MFU (model FLOPs per token x tokens/s over the GPU's bf16 dense peak from
-    gpt_simple.metrics.GPU_PEAK_FLOPS), median of the logged windows after the first (compilation);
+    gpt_simple.flops.GPU_PEAK_FLOPS), median of the logged windows after the first (compilation);
   * the memory high-water mark (torch.cuda.max_memory_allocated, logged by the trainer as max_memory_gb);
   * the loop's blocking time for the async save, against the synchronous final save of the same state size.
 

@@ -40,10 +40,13 @@ def trainer_in_process(cfg, force: bool = False):
     from gpt_simple.run_dir import RunDir
     from gpt_simple.launch import open_run
     from gpt_simple.trainer import Trainer
+    from gpt_simple.clock import Clock
+    from gpt_simple.shutdown import resolve_deadline
     with ExitStack() as closing:
         closing.callback(shutdown_distributed)
         d = init_distributed(cfg.training.device)
         validate_world(cfg, d.world_size)
         d.mesh_shape = mesh_shape(cfg.parallel.replicate_degree, d.world_size)
-        run_state = open_run(RunDir(cfg.training.output_dir), d, cfg.training.resume, force)
-        yield Trainer(cfg, d, run_state, closing)
+        journal = open_run(RunDir(cfg.training.output_dir), d, cfg.training.resume, force)
+        clock = Clock(resolve_deadline(cfg.training.max_runtime_seconds), cfg.training.walltime_reserve_seconds)
+        yield Trainer(cfg, d, journal, closing, clock)

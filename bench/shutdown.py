@@ -6,7 +6,7 @@
                    the shutdown save's own duration from events.jsonl). The stop has to finish the step it
                    is in, save, and exit, so it lies between 1x (signal at the end of a step) and about
                    (2 steps + save) / (step + save) (signal at the start of one).
-  stop agreement   under `torchrun --nproc_per_node 2`, Trainer.stop_check() (the all-reduce of the stop votes
+  stop agreement   under `torchrun --nproc_per_node 2`, Trainer.agree() (the all-reduce of the stop votes
                    the loop does before every step) timed between training steps of the same 2-rank run, with
                    the ranks lined up by a barrier first; against that run's step time.
 
@@ -85,7 +85,7 @@ def agreement_worker(result: str, rounds: int, warmup: int, overrides: list[str]
             dist.barrier()
             start = time.perf_counter()
             for _ in range(CHECKS_PER_ROUND):
-                if trainer.stop_check() is not None:
+                if trainer.stop_check(trainer.agree()) is not None:
                     raise RuntimeError("a stop was requested during the benchmark")
             check_s = (time.perf_counter() - start) / CHECKS_PER_ROUND
             dist.barrier()
@@ -117,7 +117,7 @@ def run(mode: Mode = Mode()) -> list[dict]:
                  f"{worst['save_s']:.2f}s of the same run"),
         row("stop agreement per step (2 ranks, gloo)", median(agree["check_s"]) * 1e3,
             median(agree["step_s"]) * 1e3, median(per_step), "≤ 1%", unit="ms",
-            note=f"Trainer.stop_check() x {CHECKS_PER_ROUND} per round between steps; per-round ratio "
+            note=f"Trainer.agree() x {CHECKS_PER_ROUND} per round between steps; per-round ratio "
                  f"{spread(per_step)}"),
     ]
 

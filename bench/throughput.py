@@ -8,7 +8,7 @@ same machine (a shared one: its speed moves by up to 10x from one minute to the 
 
   ours    gpt_simple.trainer.Trainer on configs/bench.toml, built as `train.py` builds it, running its own
           run_loop unchanged: stop agreement, data stream (prefetch thread), train_step, metrics line, heartbeat.
-          A gate at the step boundary (it wraps Trainer.stop_check, the first thing of every step) times each
+          A gate at the step boundary (it wraps Trainer.agree, the first thing of every step) times each
           step from boundary to boundary and hands the process to the others in between.
   plain   bench/plain_loop.PlainLoop.step: the same GPT, batch and data, no FSDP, no framework
   matmul  fp32 torch.mm products (512^3, 1024^3, 2048^3 and the model's MLP product), the fastest of 3 each:
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import ceiling  # noqa: E402
 from bench.cli import Mode, main_for  # noqa: E402
-from bench.gate import DONE, StepGate  # noqa: E402
+from bench.gate import StepGate  # noqa: E402
 from bench.launch import read_jsonl, scratch_dir  # noqa: E402
 from bench.models import load, step_tokens, trainer_in_process  # noqa: E402
 from bench.plain_loop import PlainLoop  # noqa: E402
@@ -67,8 +67,8 @@ def measure(mode: Mode) -> dict:
     with trainer_in_process(cfg) as trainer:
         gate = StepGate(trainer, between, warmup + rounds)
         outcome = trainer.run_loop()
-        if outcome != DONE:
-            raise RuntimeError(f"the trainer stopped early: {outcome}")
+        if not gate.done:
+            raise RuntimeError(f"the trainer stopped early: {outcome.reason}")
     ours_s = gate.samples[warmup:]
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) > warmup]
     return {"tokens": tokens, "fpt": fpt, "ours_s": ours_s, "plain_s": plain_s, "matmul": mm,

@@ -11,24 +11,42 @@ USAGE = """usage: gpt-simple COMMAND [...]
 
 commands:
   train     --config FILE [--section.field value ...]   train (or resume) a run
-  status    --output_dir DIR [--json]                   print the run's status (first line: the word)
+  status    --output-dir DIR [--json]                   print the run's status (first line: the word)
   stop      DIR                                         ask a running job to save and exit
   prepare   INPUT... --out DIR --bucket NAME | --demo DIR   tokenize text into shards
   validate  --config FILE [overrides]                   check config and data demand without training
   verify    OUTDIR | CHECKPOINT                         check checkpoints against their recorded checksums
   eval      CHECKPOINT_OR_OUTPUT_DIR [--tokens N] [--json]   validation loss of a committed checkpoint
   export    CHECKPOINT OUT [--hf]                       consolidated safetensors weights + model config
-  generate  --output_dir DIR | --checkpoint PATH        sample text from the newest checkpoint
+  generate  --output-dir DIR | --checkpoint PATH        sample text from the newest checkpoint
 """
 
 
-def train_main(argv: list[str]) -> int:
-    shutdown.install()  # before any heavy import: a signal during set-up is honoured
+class AliasArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose abbreviations see an option and its spelling alias (`--max-new-tokens`,
+    `--max_new_tokens`) as one option: `--max 5` still means it, as before the alias existed."""
+
+    def _get_option_tuples(self, option_string):
+        seen, unique = set(), []
+        for option_tuple in super()._get_option_tuples(option_string):
+            if option_tuple[0] not in seen:  # the action
+                seen.add(option_tuple[0])
+                unique.append(option_tuple)
+        return unique
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """`gpt-simple train` (and `validate`): the options; everything else is a `--section.field value` override."""
     parser = argparse.ArgumentParser(prog="gpt-simple train", description="Train or resume a GPT run.")
     parser.add_argument("--config", help="TOML config file (defaults apply where omitted)")
     parser.add_argument("--force", action="store_true", help="with training.resume = 'scratch': delete the run")
     parser.add_argument("--dry-run", action="store_true", help="validate config and data demand, then exit")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    shutdown.install()  # before any heavy import: a signal during set-up is honoured
+    args, overrides = build_train_parser().parse_known_args(argv)
     from gpt_simple.config import ConfigError, load_config
     try:
         cfg = load_config(args.config, overrides)
@@ -36,7 +54,7 @@ def train_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from gpt_simple.validate import validate_main
+        from gpt_simple.preflight import validate_main
         return validate_main(cfg)
     from gpt_simple.launch import run
     return run(cfg, force=args.force)
@@ -47,14 +65,18 @@ def validate_cmd(argv: list[str]) -> int:
 
 
 def status_cmd(argv: list[str]) -> int:
-    from gpt_simple.status import status_main
+    from gpt_simple.status_report import status_main
     return status_main(argv)
 
 
-def stop_cmd(argv: list[str]) -> int:
+def build_stop_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt-simple stop", description="Ask a running job to save and exit 0.")
     parser.add_argument("output_dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def stop_cmd(argv: list[str]) -> int:
+    args = build_stop_parser().parse_args(argv)
     path = shutdown.request_stop(args.output_dir)
     print(f"stop requested: {path} (the job saves and exits at its next step)")
     return 0

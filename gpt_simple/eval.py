@@ -9,12 +9,11 @@ world size except the order in which floats are summed.
 
 The evaluator is a checkpointed part: it remembers the last step it evaluated, so an evaluation that was due
 at a resumed step and never recorded runs first after the resume, and one that was recorded never runs twice.
+How long an evaluation takes is the clock's (gpt_simple/clock.py), which budgets the stop decision with it.
 """
 from __future__ import annotations
 
 import math
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,6 @@ import torch.nn.functional as F
 from gpt_simple.config import Config
 from gpt_simple.data.shards import VAL_SPLIT, Bucket, ShardError
 from gpt_simple.parallel import reshard_all
-
-
-# Tests make evaluations slow with this (seconds added to each), to check that the stop decision budgets for them.
-EVAL_DELAY_ENV = "GPT_SIMPLE_EVAL_DELAY_S"
 
 
 def validation_buckets(cfg: Config, names: list[str]) -> dict[str, Bucket]:
@@ -86,7 +81,6 @@ class Evaluator:
         if self.enabled and not self.sequences:
             raise ShardError(no_split_message(cfg))
         self.last_step = -1    # the last step whose evaluation is recorded
-        self.last_seconds = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -102,28 +96,17 @@ class Evaluator:
             (self.at_end and step == self.max_steps)
         return scheduled and step > self.last_step and bool(self.sequences)
 
-    def expected_seconds(self, step: int, step_seconds: float, tokens_per_step: int) -> float:
-        """What the stop decision budgets for the evaluation after `step`: the last one's duration (carried across
-        launches), or before any, half a training step per step's worth of tokens (a forward pass alone is about
-        a third of one) so that a first evaluation is not left out of the budget."""
-        if not self.due(step):
-            return 0.0
-        if self.last_seconds > 0:
-            return self.last_seconds
-        return step_seconds * sum(self.tokens().values()) / max(tokens_per_step, 1) / 2
-
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "seconds": self.last_seconds}
+        return {"last_step": self.last_step}
 
     def load_state_dict(self, state: dict | None) -> None:
-        # None: a checkpoint from before evaluation existed; an evaluation due at its step runs after the resume
+        # None: a checkpoint from before evaluation existed; an evaluation due at its step runs after the resume.
+        # (Checkpoints before the clock also hold the evaluation's "seconds": run_state.json carries it now.)
         self.last_step = -1 if state is None else int(state["last_step"])
-        self.last_seconds = 0.0 if state is None else float(state.get("seconds", 0.0))
 
     def evaluate(self, step: int) -> dict:
         """Every bucket's mean token loss, their token-weighted mean and its perplexity; leaves the model, its
         sharding and the RNG exactly as they were, so training goes on as if nothing ran."""
-        start = time.perf_counter()
         was_training = self.model.training
         rng = torch.get_rng_state()
         self.model.eval()
@@ -138,11 +121,10 @@ class Evaluator:
             self.model.train(was_training)
             reshard_all(self.model)
             torch.set_rng_state(rng)
-        time.sleep(float(os.environ.get(EVAL_DELAY_ENV) or 0))
         tokens = self.tokens()
         by_bucket = {name: float(s) / tokens[name] for name, s in zip(self.sequences, sums.tolist())}
         loss = float(sums.sum()) / sum(tokens.values())
-        self.last_step, self.last_seconds = step, time.perf_counter() - start
+        self.last_step = step
         return {"type": "eval", "step": step, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
                 "tokens": sum(tokens.values()), "loss_by_bucket": by_bucket}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from gpt_simple.checkpoint import CheckpointError, read_meta
@@ -21,7 +22,7 @@ from gpt_simple.export import ExportError, load_checkpoint_model, resolve_checkp
 from gpt_simple.runtime import log, setup_logging
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt-simple eval", description="Validation loss of a committed checkpoint.")
     p.add_argument("path", metavar="CHECKPOINT_OR_OUTPUT_DIR", help="a checkpoints/step-N directory, or a run "
                                                                     "directory (its newest committed checkpoint)")
@@ -46,7 +47,7 @@ def _bucket_names(cfg) -> list[str]:
 
 
 def eval_main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     overrides = [f"--{k}={v}" for k, v in (("data.dir", args.data_dir), ("eval.dir", args.eval_dir),
                                            ("eval.tokens", args.tokens), ("training.device", args.device))
                  if v is not None]
@@ -74,8 +75,10 @@ def _evaluate(cfg, ckpt: Path, meta: dict, names: list[str], as_json: bool) -> i
         model = parallelize(build_model(state, model_cfg).train(), cfg.training, d.device)
         cfg.eval.at_end = True  # evaluate: the evaluator refuses a run without any split instead of a silent nothing
         evaluator = Evaluator(cfg, model, d.device, d.rank, d.world_size, validation_buckets(cfg, names))
+        started = time.perf_counter()
         with torch.no_grad():
             record = evaluator.evaluate(int(meta["step"]))
+        seconds = time.perf_counter() - started
         if d.world_size > 1:
             torch.distributed.barrier()  # no rank tears the group down while another still uses it
     except (CheckpointError, ShardError) as e:
@@ -90,5 +93,5 @@ def _evaluate(cfg, ckpt: Path, meta: dict, names: list[str], as_json: bool) -> i
             print(json.dumps(record))
         else:
             log.info(f"eval {ckpt} (step {record['step']}) | {describe(record)} | {record['tokens']:,} tokens in "
-                     f"{evaluator.last_seconds:.1f}s")
+                     f"{seconds:.1f}s")
     return 0

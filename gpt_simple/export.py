@@ -232,7 +232,7 @@ def load_exported(out: str | Path, device: str | torch.device = "cpu"):
     return build_model(load_file(str(out / OURS_WEIGHTS)), cfg, device), cfg, info
 
 
-def export_main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt-simple export",
         description="Consolidate a (sharded DCP) checkpoint into one safetensors file + its model config; "
@@ -246,7 +246,11 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--tokenizer", help="tokenizer spec to record when the run's data.dir is not here")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the checkpoint's files against their recorded checksums")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         s = export(args.checkpoint, args.out, "yes" if args.hf else "no" if args.no_hf else "auto", args.dtype,
                    args.tokenizer, args.verify)

@@ -1,6 +1,6 @@
 """`gpt-simple generate`: sample text from a checkpoint with GPT.generate.
 
-    gpt-simple generate --output_dir outputs/tiny --prompt "def " --max_new_tokens 200
+    gpt-simple generate --output-dir outputs/tiny --prompt "def " --max-new-tokens 200
 
 The checkpoint is read in one process without torch.distributed (gpt_simple.export.load_checkpoint_model), and
 the tokenizer is the one the run trained with (recorded in the checkpoint, else read from its data.dir shards).
@@ -13,6 +13,7 @@ import sys
 import torch
 
 from gpt_simple.checkpoint import CheckpointError
+from gpt_simple.cli import AliasArgumentParser
 from gpt_simple.export import ExportError, build_model, load_checkpoint_model, tokenizer_spec
 
 
@@ -28,16 +29,16 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt-simple generate", description="Sample text from a checkpoint.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = AliasArgumentParser(prog="gpt-simple generate", description="Sample text from a checkpoint.")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output_dir", help="run directory: use its newest committed checkpoint")
+    where.add_argument("--output-dir", "--output_dir", help="run directory: use its newest committed checkpoint")
     where.add_argument("--checkpoint", help="a checkpoints/step-N directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=50, help="0 = no top-k filtering")
-    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--top-k", "--top_k", type=int, default=50, help="0 = no top-k filtering")
+    parser.add_argument("--num-samples", "--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--tokenizer", help="tokenizer spec, if the run's data.dir is not available here")
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         device = _device(args.device)
         state, cfg, meta, ckpt = load_checkpoint_model(args.output_dir or args.checkpoint, args.verify)

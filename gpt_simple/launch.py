@@ -18,20 +18,23 @@ import torch.distributed as dist
 
 from gpt_simple import shutdown
 from gpt_simple.checkpoint import CheckpointError, list_committed
+from gpt_simple.clock import Clock
 from gpt_simple.config import Config, ConfigError, validate_world
 from gpt_simple.data import DataError, ShardError
+from gpt_simple.drill import Drill, DrillError
+from gpt_simple.journal import Journal, events, open_journal
 from gpt_simple.lease import EXIT_HELD, Lease, LeaseHeld
 from gpt_simple.lease import describe as describe_holder
 from gpt_simple.parallel import Dist, init_distributed, mesh_shape, set_collective_timeout, shutdown_distributed
 from gpt_simple.run_dir import RunDir
-from gpt_simple.run_state import ERROR, STOPPED, RunState
+from gpt_simple.run_state import ERROR, STOPPED
 from gpt_simple.runtime import log, setup_logging
 from gpt_simple.trainer import Trainer
-from gpt_simple.wandb_log import require_wandb
+from gpt_simple.journal.wandb_sink import require_wandb
 from gpt_simple.watchdog import GRACE_S as SETUP_WATCHDOG_GRACE_S
 from gpt_simple.watchdog import SetupWatchdog
 
-USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, DrillError)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}  # the storage, not a bug: no traceback
 
 
@@ -83,14 +86,15 @@ def setup_step(what: str, timeout_s: float, fn, *args):
 def run(cfg: Config, force: bool = False) -> int:
     """What `gpt-simple train` runs: one launch, start to end. Returns the exit code."""
     setup_logging(int(os.environ.get("RANK", 0)))
-    run_dir, d, run_state, trainer = RunDir(cfg.training.output_dir), None, None, None
-    holder = {}  # this launch's lease and state, for the set-up watchdog (another thread)
+    run_dir, d, journal, trainer = RunDir(cfg.training.output_dir), None, None, None
+    holder = {}  # this launch's lease and journal, for the set-up watchdog (another thread)
     watchdog = SetupWatchdog(lambda name: stop_during_setup(name, holder, run_dir),
                              handled=lambda: shutdown.FLAGS.requested).start()
     t = cfg.training
     with ExitStack() as closing:
         closing.callback(shutdown_distributed)
         try:
+            drill = Drill.from_environ()  # the test seam: a malformed value is refused before anything is built
             world = os.environ.get("WORLD_SIZE", "1")
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             d = setup_step(f"the process group ({world} ranks, store at {where})", t.setup_timeout_seconds,
@@ -98,12 +102,13 @@ def run(cfg: Config, force: bool = False) -> int:
             validate_world(cfg, d.world_size)
             require_wandb(cfg)
             d.mesh_shape = mesh_shape(cfg.parallel.replicate_degree, d.world_size)
-            run_state = open_run(run_dir, d, t.resume, force, t.setup_timeout_seconds)
-            holder["run_state"] = run_state
-            if run_state.lease is not None:
-                closing.callback(run_state.lease.release)
+            journal = open_run(run_dir, d, t.resume, force, t.setup_timeout_seconds)
+            holder["journal"] = journal
+            if journal.lease is not None:
+                closing.callback(journal.lease.release)
+            clock = Clock(shutdown.resolve_deadline(t.max_runtime_seconds), t.walltime_reserve_seconds, drill)
             trainer = setup_step("every rank to build the trainer (set-up collectives)", t.setup_timeout_seconds,
-                                 Trainer, cfg, d, run_state, closing)
+                                 Trainer, cfg, d, journal, closing, clock)
             set_collective_timeout(t.collective_timeout_seconds)
             watchdog.setup_done()
             return trainer.run()
@@ -127,8 +132,8 @@ def run(cfg: Config, force: bool = False) -> int:
         if trainer is not None:
             step = trainer.train.step
         else:
-            step = run_state.previous_step if run_state is not None else 0
-        return record_failure(error, code, show_traceback, run_dir, d, run_state, step,
+            step = journal.previous_step if journal is not None else 0
+        return record_failure(error, code, show_traceback, run_dir, d, journal, step,
                               transient=is_transient(error))
 
 
@@ -137,30 +142,31 @@ def stop_during_setup(signal_name: str, holder: dict, run_dir: RunDir | None = N
     releases the lease. Runs on the watchdog thread; the process exits right after."""
     log.error(f"stop signal {signal_name} during set-up, which is blocked (waiting on other ranks) "
               f"{SETUP_WATCHDOG_GRACE_S:g}s after it: exiting now (set-up trains nothing, so nothing is lost)")
-    run_state = holder.get("run_state")
-    if run_state is None and run_dir is not None and int(os.environ.get("RANK", 0)) == 0 and run_dir.path.is_dir():
+    journal = holder.get("journal")
+    if journal is None and run_dir is not None and int(os.environ.get("RANK", 0)) == 0 and run_dir.path.is_dir():
         # Still forming the process group, before the lease: recorded as record_failure records a failed
         # rendezvous, if no other live job holds the run. Else a first launch would leave no state, which a
         # template reads as a failure, not as the resumable stop it is.
         try:
-            run_state = RunState(run_dir.path)
-            run_state.lease = Lease(run_dir.path).acquire()
+            journal = Journal(run_dir.path)
+            journal.lease = Lease(run_dir.path).acquire()
         except Exception:  # noqa: BLE001 - held by another job, or unwritable: record nothing
             return
-    if run_state is None or not run_state.enabled:
+    if journal is None:
         return
     try:
         # set-up trained nothing: the run is where the previous launch left it
-        run_state.update(status=STOPPED, reason=f"signal {signal_name} during set-up", step=run_state.previous_step)
-        run_state.event("stop", reason=f"signal {signal_name} during set-up", step=run_state.previous_step)
+        reason, step = f"signal {signal_name} during set-up", journal.previous_step
+        journal.status(status=STOPPED, reason=reason, step=step)
+        journal.event(events.Stop(reason=reason, step=step))
     except Exception as e:  # noqa: BLE001 - the process is exiting either way
-        log.error(f"could not record the stop in {run_state.path} ({e})")
-    if run_state.lease is not None:
-        run_state.lease.release()
+        log.error(f"could not record the stop in {run_dir.state if run_dir else 'run_state.json'} ({e})")
+    if journal.lease is not None:
+        journal.lease.release()
 
 
 def record_failure(error: BaseException, code: int, show_traceback: bool, run_dir: RunDir, d: Dist | None,
-                   run_state: RunState | None, step: int, transient: bool = False) -> int:
+                   journal: Journal | None, step: int, transient: bool = False) -> int:
     """One `error:` line (after the traceback of a bug), and the status where a run folder exists: ERROR, or
     for a transient failure STOPPED with reason "transient: ..." (resumable) until TRANSIENT_CAP of them came in
     a row with no step progress. Never writes without the run's lease."""
@@ -172,23 +178,23 @@ def record_failure(error: BaseException, code: int, show_traceback: bool, run_di
         traceback.print_exception(error)
     log.error(("transient failure (resumable): " if transient else "") + message)
     lease = None
-    if run_state is None and main and run_dir.path.is_dir():
+    if journal is None and main and run_dir.path.is_dir():
         # refused before set-up got this far (e.g. resume = 'scratch', a failed rendezvous): record only if no
         # other live job holds the run
         try:
             lease = Lease(run_dir.path).acquire()
         except (LeaseHeld, OSError):
             return code
-        run_state = RunState(run_dir.path)
-        step = run_state.previous_step if transient else step
+        journal = Journal(run_dir.path)
+        step = journal.previous_step if transient else step
     try:
-        if run_state is not None:
+        if journal is not None:
             try:  # [save safety] on a full disk even this write can fail: say so once, no second traceback
                 if transient:
-                    _record_transient(run_state, message, step)
+                    _record_transient(journal, message, step)
                 else:
-                    run_state.update(status=ERROR, reason=message, error=message, step=step)
-                    run_state.event("error", message=message, step=step)
+                    journal.status(status=ERROR, reason=message, error=message, step=step)
+                    journal.event(events.Error(message=message, step=step))
             except LeaseHeld as e:
                 log.error(f"not recording the failure: {e}")
             except OSError as e:
@@ -199,25 +205,25 @@ def record_failure(error: BaseException, code: int, show_traceback: bool, run_di
     return code
 
 
-def _record_transient(run_state: RunState, message: str, step: int) -> None:
-    s = run_state.state
+def _record_transient(journal: Journal, message: str, step: int) -> None:
+    s = journal.state.state
     last = s.get("transient_step")
     count = 1 if (last is not None and step > last) else int(s.get("transient_failures") or 0) + 1
     if count > TRANSIENT_CAP:
         reason = (f"{count} transient failures in a row with no step progress (cap {TRANSIENT_CAP}); "
                   f"the last: {message}")
-        run_state.update(status=ERROR, reason=reason, error=message, step=step, transient_failures=count,
-                         transient_step=step)
-        run_state.event("error", message=reason, step=step, transient=True)
+        journal.status(status=ERROR, reason=reason, error=message, step=step, transient_failures=count,
+                       transient_step=step)
+        journal.event(events.Error(message=reason, step=step, transient=True))
         log.error(reason)
         return
     reason = f"transient: {message} ({count} of {TRANSIENT_CAP} in a row without progress)"
-    run_state.update(status=STOPPED, reason=reason, error=message, step=step, transient_failures=count,
-                     transient_step=step)
-    run_state.event("transient_failure", message=message, step=step, count=count)
+    journal.status(status=STOPPED, reason=reason, error=message, step=step, transient_failures=count,
+                   transient_step=step)
+    journal.event(events.TransientFailure(message=message, step=step, count=count))
 
 
-def open_run(run_dir: RunDir, d: Dist, resume: str, force: bool, timeout_s: float = 300.0) -> RunState:
+def open_run(run_dir: RunDir, d: Dist, resume: str, force: bool, timeout_s: float = 300.0) -> Journal:
     """Take the run's lease (rank 0), create the run folder (or clear it for resume = 'scratch' --force) and
     start this launch's state. The other ranks learn rank 0's outcome in one broadcast: a refusal stops every
     rank, none waits for a barrier rank 0 never reaches."""
@@ -255,8 +261,8 @@ def open_run(run_dir: RunDir, d: Dist, resume: str, force: bool, timeout_s: floa
             refusal = ConfigError("rank 0 refused the run folder (its error is above)")
     if refusal is not None:
         raise refusal
-    state = RunState(run_dir.path, enabled=d.is_main)
-    state.lease = lease
+    journal = open_journal(run_dir.path, d.is_main)
+    journal.lease = lease
     if lease is not None and lease.taken_over:
-        state.event("lease_takeover", previous=lease.taken_over)
-    return state
+        journal.event(events.LeaseTakeover(previous=lease.taken_over))
+    return journal

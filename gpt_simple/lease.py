@@ -20,7 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-from gpt_simple.run_dir import RunDir, write_json_atomic
+from gpt_simple.fileio import create_durable, write_json_atomic
+from gpt_simple.run_dir import RunDir
 from gpt_simple.run_state import MIN_STALE_S, SETUP_STALE_S, _pid_alive
 
 EXIT_HELD = 75  # EX_TEMPFAIL: another live job holds this run; this launch wrote nothing
@@ -120,13 +121,9 @@ class Lease:
 
     def _create(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            create_durable(self.path, json.dumps(self.holder) + "\n")  # O_CREAT | O_EXCL
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.holder) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         return True
 
     def acquire(self, attempts: int = 5) -> "Lease":

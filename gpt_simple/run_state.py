@@ -1,6 +1,7 @@
-"""The run's status file (the orchestrator's only input) and its event log.
+"""The run's status file, output_dir/run_state.json: the orchestrator's only input, and its readers.
 
-output_dir/run_state.json is written atomically by rank 0 (tmp + rename), strict JSON. Readers infer CRASHED
+Written atomically by rank 0 (tmp + rename), strict JSON, through the journal (gpt_simple/journal), which owns
+every record a run writes. Readers infer CRASHED
 from a RUNNING file whose heartbeat is older than the writer's own `stale_after_s` (sized from its measured
 step and save times) or, on the same host, whose pid is gone.
 """
@@ -12,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from gpt_simple.run_dir import RunDir, append_jsonl, write_json_atomic
+from gpt_simple.run_dir import RunDir, write_json_atomic
 
 RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED = "RUNNING", "STOPPED", "COMPLETED", "HALTED", "ERROR", "CRASHED"
 STATUSES = (RUNNING, STOPPED, COMPLETED, HALTED, ERROR, CRASHED)
@@ -43,8 +44,8 @@ class RunState:
             # transient failures in a row, and the step of the last one (progress past it resets the count)
             "transient_failures": previous.get("transient_failures", 0) if previous else 0,
             "transient_step": previous.get("transient_step") if previous else None,
-            # the last measured save times {"sync", "async"} (s): the stop decision budgets with them from step 0
-            "save_s": previous.get("save_s") if previous else None,
+            # the clock's measured durations (gpt_simple/clock.py): the stop decision budgets with them from step 0
+            "durations": previous_durations(previous),
         }
         self.previous_step = int(previous.get("step") or 0) if previous else 0
         self.lease = None  # gpt_simple.lease.Lease of this launch (rank 0): refreshed with every write
@@ -58,15 +59,16 @@ class RunState:
         self.state.update(fields, updated_at=now, heartbeat_at=now)
         write_json_atomic(self.path, self.state)
 
-    def heartbeat(self, step: int, tokens: int, step_seconds: float, save_seconds: float) -> None:
-        # A step or a save can legitimately take this long without a heartbeat; past it the run is stale.
-        stale = max(MIN_STALE_S, 10 * step_seconds + 2 * save_seconds)
-        self.update(step=step, tokens=tokens, stale_after_s=stale)
 
-    def event(self, kind: str, **fields) -> None:
-        if self.enabled:
-            append_jsonl(self.run_dir.events, {"time": time.time(), "event": kind, "launch": self.state["launches"],
-                                                  **fields})
+
+def previous_durations(previous: dict | None) -> dict:
+    """The durations a state file carries; a file from before the clock carried save times as save_s."""
+    if not previous:
+        return {}
+    if isinstance(previous.get("durations"), dict):
+        return previous["durations"]
+    old = previous.get("save_s") or {}
+    return {f"save_{k}_s": v for k, v in old.items() if k in ("sync", "async") and v}
 
 
 def read_state(output_dir: Path) -> dict:

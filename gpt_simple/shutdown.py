@@ -1,4 +1,4 @@
-"""Graceful shutdown: the deadline, the signal flags, the stop file, and the per-step stop agreement.
+"""Graceful shutdown: the deadline, the signal flags, the stop file, and the per-step stop votes.
 
 Import-light on purpose (no torch): train.py installs the handlers and starts the clock first thing in the
 process, so a relative budget counts from process start and a signal during set-up is not lost.
@@ -111,84 +111,16 @@ class StopVotes:
         return None
 
 
-# The measured save time is budgeted with this margin (a save can be slower than the last one: more load, a
-# busier filesystem).
-SAVE_MARGIN = 1.5
-
-
 class StopPolicy:
-    """This rank's votes for the per-step agreement, and why the agreed votes say to stop.
+    """This rank's votes for the per-step agreement, and why the agreed votes say to stop. Whether the deadline
+    is near is the clock's arithmetic (gpt_simple/clock.py); this adds the signal flags and the stop file."""
 
-    The time kept before the deadline is the larger of the configured reserve and the measured save time (the
-    last synchronous save, else the last async save's start-to-commit time) times SAVE_MARGIN, plus, while an
-    async save is in flight, what it still needs (its expected time minus the time it has run)."""
-
-    def __init__(self, output_dir: Path, deadline: Deadline, reserve_seconds: float, flags: StopFlags = FLAGS):
+    def __init__(self, output_dir: Path, deadline: Deadline, flags: StopFlags = FLAGS):
         self.stop_file = RunDir(output_dir).stop
-        self.deadline, self.reserve, self.flags = deadline, reserve_seconds, flags
-        self.sync_save_seconds = 0.0   # the last synchronous (shutdown / final) save, start to commit
-        self.async_save_seconds = 0.0  # the last async save, start to commit
-        self.in_flight_since: float | None = None  # epoch seconds an async save started, while it runs
-        self.overruled = False  # the measured figure has overruled the configured reserve (warned once)
+        self.deadline, self.flags = deadline, flags
 
-    def save_started(self, asynchronous: bool, now: float | None = None) -> None:
-        self.in_flight_since = (time.time() if now is None else now) if asynchronous else None
-
-    def record_save(self, total_seconds: float, asynchronous: bool) -> str | None:
-        """A save committed: remember its time. Returns a warning the first time the measured figure overrules
-        the configured reserve (the caller logs it), else None."""
-        if asynchronous:
-            self.async_save_seconds = total_seconds
-        else:
-            self.sync_save_seconds = total_seconds
-        self.in_flight_since = None
-        budget = self.save_budget()
-        if budget > self.reserve and not self.overruled and self.deadline.at is not None:
-            self.overruled = True
-            return (f"a save took {total_seconds:.1f}s ({'async' if asynchronous else 'sync'}), more than "
-                    f"training.walltime_reserve_seconds = {self.reserve:g} allows: the stop decision now keeps "
-                    f"{budget:.1f}s ({SAVE_MARGIN:g} x the measured save) before the deadline; set the reserve to "
-                    f"at least {budget:.0f}")
-        return None
-
-    def measured(self) -> dict:
-        """The save times measured so far, as run_state.json carries them to the next launch (carry_over)."""
-        return {"sync": self.sync_save_seconds, "async": self.async_save_seconds}
-
-    def carry_over(self, sync_seconds: float, async_seconds: float) -> str | None:
-        """The previous launch's measured save times (run_state.json): a resumed launch has measured nothing yet,
-        and its first stop decision would otherwise trust the configured reserve alone. Returns the warning when
-        they overrule the reserve (said once per launch, as record_save says it), else None."""
-        self.sync_save_seconds = self.sync_save_seconds or max(0.0, sync_seconds)
-        self.async_save_seconds = self.async_save_seconds or max(0.0, async_seconds)
-        budget = self.save_budget()
-        if budget > self.reserve and not self.overruled and self.deadline.at is not None:
-            self.overruled = True
-            measured = self.sync_save_seconds or self.async_save_seconds
-            return (f"the previous launch measured a save of {measured:.1f}s, more than "
-                    f"training.walltime_reserve_seconds = {self.reserve:g} allows: the stop decision keeps "
-                    f"{budget:.1f}s ({SAVE_MARGIN:g} x the measured save) before the deadline; set the reserve to "
-                    f"at least {budget:.0f}")
-        return None
-
-    def save_budget(self) -> float:
-        measured = self.sync_save_seconds or self.async_save_seconds
-        return max(self.reserve, SAVE_MARGIN * measured)
-
-    def reserve_seconds(self, save_in_flight: bool = False, now: float | None = None) -> float:
-        """Seconds to keep before the deadline: the save budget plus what a save in flight still needs."""
-        budget = self.save_budget()
-        if save_in_flight and self.in_flight_since is not None:
-            expected = SAVE_MARGIN * (self.async_save_seconds or self.sync_save_seconds)
-            elapsed = (time.time() if now is None else now) - self.in_flight_since
-            budget += max(0.0, expected - elapsed)
-        return budget
-
-    def votes(self, expected_step_seconds: float, save_in_flight: bool = False,
-              now: float | None = None) -> StopVotes:
-        left = self.deadline.seconds_left(now)
-        near = left is not None and left <= self.reserve_seconds(save_in_flight, now) + expected_step_seconds
-        return StopVotes(self.flags.requested, near, self.stop_file.exists(), save_in_flight)
+    def votes(self, near_deadline: bool, save_in_flight: bool = False) -> StopVotes:
+        return StopVotes(self.flags.requested, near_deadline, self.stop_file.exists(), save_in_flight)
 
     def reason(self, agreed: StopVotes) -> str | None:
         return agreed.reason(self.flags, self.deadline)

@@ -1,72 +1,61 @@
 """The training loop of one launch: build the components once, train until done or told to stop, save, and say
 how it ended (launch.py runs it and records failures).
 
-The trainer composes config, model, parallelism, data, checkpoints, shutdown and run state and owns none of
-their details. Each step: the ranks agree whether to stop, train on the next batch, record, maybe save. What a
-checkpoint holds is the dict `parts` built in __init__, and nothing else.
+The trainer composes config, model, parallelism, data, checkpoints, the clock and the journal and owns none of
+their details: it knows no file name (the journal writes every record), keeps no duration (the clock does) and
+does not decide what a checkpoint holds beyond handing the manager the dict `parts`.
+
+Each step: the ranks agree (one all-reduce) on whether to stop and whether every rank's async save has
+finished; a finished save is committed; then, unless they stop, the step trains on the next batch, records,
+maybe evaluates, maybe saves.
 """
 from __future__ import annotations
 
-import os
-import time
+import enum
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from gpt_simple import shutdown
 from gpt_simple.checkpoint import CheckpointError, CheckpointManager, resume_candidates
+from gpt_simple.clock import Clock, ThroughputMeter
 from gpt_simple.config import Config, to_toml
 from gpt_simple.data import BucketExhausted, build_stream
 from gpt_simple.eval import Evaluator, validation_buckets
-from gpt_simple.metrics import MetricsLogger, ThroughputMeter, peak_flops
+from gpt_simple.flops import peak_flops
+from gpt_simple.journal import Journal, events
 from gpt_simple.model import GPT, count_params, flops_per_token
 from gpt_simple.optim import LRSchedule, build_optimizer
 from gpt_simple.parallel import Dist, build_mesh, describe_mesh, parallelize, prepare_micro_batch
-from gpt_simple.run_dir import RunDir, append_jsonl, truncate_jsonl, write_atomic, write_json_atomic
-from gpt_simple.run_state import COMPLETED, HALTED, RUNNING, STOPPED, RunState
+from gpt_simple.run_state import COMPLETED, HALTED, RUNNING, STOPPED
 from gpt_simple.runtime import agree, all_reduce_max, log
 from gpt_simple.state import ModelOptimizer, RNGState, RunInfo, TrainState
 
 
-# Test knob: every step takes at least this long (seconds). Deadline-driven chain tests set it so that a job
-# cannot train more steps than they plan for, however fast the machine. Unset in production.
-STEP_DELAY_ENV = "GPT_SIMPLE_STEP_DELAY_S"
+class End(enum.Enum):
+    """Why the loop ended: the status the launch ends with."""
+    COMPLETED = COMPLETED  # max_steps reached
+    STOPPED = STOPPED      # the ranks agreed to stop (signal, deadline, stop file)
+    HALTED = HALTED        # a bucket ran dry and exhaustion is not allowed
 
 
-class Halt(Exception):
-    """A bucket ran dry and exhaustion is not allowed: save, mark HALTED, exit 0."""
+@dataclass
+class LoopEnd:
+    end: End
+    reason: str
+    exhausted: BucketExhausted | None = None
 
 
 class Trainer:
-    def __init__(self, cfg: Config, d: Dist, run_state: RunState, closing: ExitStack):
+    def __init__(self, cfg: Config, d: Dist, journal: Journal, closing: ExitStack, clock: Clock):
         t = cfg.training
-        self.cfg, self.dist, self.run_state = cfg, d, run_state
-        self.run_dir = RunDir(t.output_dir)
-        self.deadline = shutdown.resolve_deadline(t.max_runtime_seconds)
-        for warning in self.deadline.warnings:
-            log.warning(warning)
-        run_state.update(max_steps=t.max_steps, deadline_source=self.deadline.source,
-                         deadline_at=self.deadline.at, reason="setting up")
-        run_state.event("launch", world_size=d.world_size, mesh=list(d.mesh_shape),
-                        deadline_source=self.deadline.source, deadline_at=self.deadline.at,
-                        warnings=self.deadline.warnings)
-        log.info(f"gpt-simple: world size {d.world_size} ({d.backend}, {d.device}), {describe_mesh(d.mesh_shape)}, "
-                 f"{shutdown.describe(self.deadline)}")
-
-        torch.manual_seed(t.seed)  # same seed, same full model on every rank, before sharding
-        model = GPT(cfg.model)
-        n_params = count_params(model, cfg.model)
-        flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
-        self.model = parallelize(model, t, d.device, build_mesh(d.mesh_shape, d.device, t.setup_timeout_seconds))
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, d.device)
+        self.cfg, self.dist, self.journal, self.clock = cfg, d, journal, clock
+        self.announce()
+        self.model, self.optimizer, self.meter = self.build_model()
         self.schedule = LRSchedule(cfg.optimizer, t.max_steps)
-        peak, peak_source = peak_flops(d.device, t.peak_flops)
-        log.info(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.2f} MFLOPs/token; "
-                 f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self.meter = ThroughputMeter(self.tokens_per_step, flops, peak, d.world_size)
-
         self.stream = build_stream(cfg, d.rank, d.world_size)
         closing.callback(self.stream.close)
         self.evaluator = Evaluator(cfg, self.model, d.device, d.rank, d.world_size,
@@ -75,101 +64,135 @@ class Trainer:
         self.parts = {"run": RunInfo(cfg, d.world_size, self.stream.tokenizer), "train": self.train,
                       "data": self.stream, "eval": self.evaluator, "rng": RNGState(d.device, d.rank, self.train),
                       "model": ModelOptimizer(self.model, self.optimizer, cfg.model)}
-        self.ckpt = CheckpointManager(self.run_dir.checkpoints, self.parts, d.device, d.rank, t.keep_last_k,
-                                      t.keep_milestone_every, verify=t.verify_checkpoints)
+        self.ckpt = CheckpointManager(journal.run_dir.checkpoints, self.parts, d.device, d.rank, t.keep_last_k,
+                                      t.keep_milestone_every, verify=t.verify_checkpoints, drill=clock.drill)
         closing.callback(self.ckpt.abandon)  # a launch that fails mid-save leaves no partial checkpoint
         for name in self.ckpt.clean_partial():
             log.info(f"removed uncommitted checkpoint {name}")
-            run_state.event("partial_checkpoint_removed", name=name)
+            journal.event(events.PartialCheckpointRemoved(name=name))
         self.resume()
+        self.carry_over_durations()
+        self.stop = shutdown.StopPolicy(t.output_dir, clock.deadline)
+        journal.begin(cfg, to_toml(cfg), self.train.step)
+        closing.callback(journal.close)
 
-        self.stop = shutdown.StopPolicy(self.run_dir.path, self.deadline, t.walltime_reserve_seconds)
-        carried = run_state.state.get("save_s") or {}  # rank 0's; every rank votes with it (one all-reduce)
-        carried = all_reduce_max([float(carried.get("sync") or 0), float(carried.get("async") or 0)], d.device)
-        overruled = self.stop.carry_over(*carried)
-        if overruled:
-            log.warning(overruled)
-            run_state.event("save_budget", reserve_s=self.stop.reserve, budget_s=self.stop.save_budget(),
-                            measured_s=carried[0] or carried[1], carried=True)
-        if d.is_main:
-            write_atomic(self.run_dir.config, to_toml(cfg))
-            if cfg.data.allow_bucket_exhaustion and self.run_dir.halted.exists():
-                self.run_dir.halted.unlink()
-                run_state.event("halt_overridden", step=self.train.step)
-        self.metrics = MetricsLogger(self.run_dir, d.is_main, t.tensorboard, t.max_steps, cfg)
-        self.metrics.open(self.train.step)
-        closing.callback(self.metrics.close)
-        self.audit = self.run_dir.audit if cfg.data.audit and d.is_main else None
-        self.step_floor_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
-        if self.audit:
-            truncate_jsonl(self.audit, self.train.step)
+    def announce(self) -> None:
+        deadline, d = self.clock.deadline, self.dist
+        for warning in deadline.warnings:
+            log.warning(warning)
+        self.journal.status(max_steps=self.cfg.training.max_steps, deadline_source=deadline.source,
+                            deadline_at=deadline.at, reason="setting up")
+        self.journal.event(events.Launch(world_size=d.world_size, mesh=list(d.mesh_shape),
+                                         deadline_source=deadline.source, deadline_at=deadline.at,
+                                         warnings=deadline.warnings))
+        if self.clock.drill.active:  # a test drill: never silent
+            log.warning(f"drill active (GPT_SIMPLE_DRILL): {self.clock.drill.describe()}")
+            self.journal.event(events.Drill(seconds=dict(self.clock.drill.seconds)))
+        log.info(f"gpt-simple: world size {d.world_size} ({d.backend}, {d.device}), {describe_mesh(d.mesh_shape)}, "
+                 f"{shutdown.describe(deadline)}")
+
+    def build_model(self):
+        """The model (seeded, the same on every rank before sharding), sharded; its optimizer; the meter."""
+        cfg, d, t = self.cfg, self.dist, self.cfg.training
+        torch.manual_seed(t.seed)
+        model = GPT(cfg.model)
+        n_params = count_params(model, cfg.model)
+        flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
+        model = parallelize(model, t, d.device, build_mesh(d.mesh_shape, d.device, t.setup_timeout_seconds))
+        optimizer = build_optimizer(model, cfg.optimizer, d.device)
+        peak, peak_source = peak_flops(d.device, t.peak_flops)
+        log.info(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.2f} MFLOPs/token; "
+                 f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+        meter = ThroughputMeter(t.global_batch_size * cfg.data.seq_len, flops, peak, d.world_size)
+        return model, optimizer, meter
 
     def resume(self) -> None:
-        candidates = resume_candidates(self.cfg.training.resume, self.run_dir.checkpoints)
+        candidates = resume_candidates(self.cfg.training.resume, self.journal.run_dir.checkpoints)
         if not candidates:
             log.info("starting a fresh run")
             return
-        load_start = time.perf_counter()
         try:
-            info, failures = self.ckpt.load_latest(candidates)
+            with self.clock.measure("load"):
+                info, failures = self.ckpt.load_latest(candidates)
         except CheckpointError as e:  # none could be loaded: the events still say which failed, and why
-            self._record_fallbacks(getattr(e, "failures", []))
+            self.record_fallbacks(getattr(e, "failures", []))
             raise
-        self._record_fallbacks(failures)
-        load_s = time.perf_counter() - load_start
+        self.record_fallbacks(failures)
+        load_s = self.clock.last["load"]
         log.info(f"resumed from {info.name} (step {self.train.step}, {self.train.tokens} tokens; "
                  f"loaded in {load_s:.2f}s)")
         changed = self.parts["run"].changes
         if changed:
             log.info("config changed since the checkpoint: " +
                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        self.run_state.event("resume", checkpoint=info.name, step=self.train.step, config_changes=changed,
-                             load_s=load_s)
-        self.run_state.update(last_checkpoint=info.name)
+        self.journal.event(events.Resume(checkpoint=info.name, step=self.train.step, config_changes=changed,
+                                         load_s=load_s))
+        self.journal.status(last_checkpoint=info.name)
 
-    def _record_fallbacks(self, failures: list[tuple[str, str]]) -> None:
+    def record_fallbacks(self, failures: list[tuple[str, str]]) -> None:
         for name, error in failures:
-            self.run_state.event("checkpoint_fallback", checkpoint=name, error=error)
+            self.journal.event(events.CheckpointFallback(checkpoint=name, error=error))
+
+    def carry_over_durations(self) -> None:
+        """The previous launch's measured durations (rank 0's run_state.json), agreed in one all-reduce so that
+        every rank budgets its stop votes alike; then the journal carries this launch's figures."""
+        previous = self.journal.durations
+        kinds = ("save_sync_s", "save_async_s", "eval_s")
+        agreed = all_reduce_max([float(previous.get(k) or 0) for k in kinds], self.dist.device)
+        self.announce_save_budget(self.clock.carry_over(dict(zip(kinds, agreed))), agreed[0] or agreed[1], True)
+        self.journal.follow(self.clock)
+
+    def announce_save_budget(self, overruled: str | None, measured_s: float, carried: bool | None = None) -> None:
+        """The clock's warning that a measured save overrules the reserve: one log line and one event."""
+        if overruled:
+            log.warning(overruled)
+            self.journal.event(events.SaveBudget(reserve_s=self.clock.reserve, budget_s=self.clock.save_budget(),
+                                                 measured_s=measured_s, carried=carried))
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def run_loop(self) -> str:
-        """Train until max_steps ("max_steps") or until the ranks agree to stop (the reason)."""
-        t = self.cfg.training
-        self.run_state.update(status=RUNNING, reason="training", step=self.train.step, tokens=self.train.tokens)
+    def run_loop(self) -> LoopEnd:
+        """Train until max_steps, until the ranks agree to stop, or until a bucket runs dry."""
+        self.journal.status(status=RUNNING, reason="training", step=self.train.step, tokens=self.train.tokens)
+        self.clock.setup_done()
         self.meter.reset_window()
         self.maybe_evaluate()  # due at the step resumed from but never recorded: it runs before the next step
-        while self.train.step < t.max_steps:
-            reason = self.stop_check()
+        while self.train.step < self.cfg.training.max_steps:
+            votes = self.agree()
+            self.commit_finished_save(votes)
+            reason = self.stop_check(votes)
             if reason:
-                return reason
-            self.meter.step_started()
+                return LoopEnd(End.STOPPED, reason)
+            self.clock.step_started()
             try:
                 batch = self.stream.next_batch()
             except BucketExhausted as e:
-                raise Halt(e) from None
-            self.meter.batch_ready()
-            loss, grad_norm, lr = self.train_step(batch)
-            if self.step_floor_s:
-                time.sleep(self.step_floor_s)
-            self.record(batch, loss, grad_norm, lr)
-            self.meter.step_ended()
+                return LoopEnd(End.HALTED, str(e), exhausted=e)
+            self.meter.batch_ready(self.clock.step_start)
+            self.record(batch, *self.train_step(batch))
+            self.clock.step_ended()
             self.maybe_evaluate()
-            if self.dist.is_main and self.meter.heartbeat_due():
-                self.run_state.heartbeat(self.train.step, self.train.tokens, self.meter.step_seconds,
-                                         self.ckpt.last_save_seconds)
-            if t.save_steps and self.train.step % t.save_steps == 0 and self.train.step < t.max_steps:
-                self.save("periodic", asynchronous=t.async_save)
-        return "max_steps"
+            if self.meter.heartbeat_due():
+                self.journal.heartbeat(self.train.step, self.train.tokens)
+            self.maybe_save()
+        return LoopEnd(End.COMPLETED, "max_steps reached")
 
-    def stop_check(self) -> str | None:
-        """The per-step agreement (bench/shutdown.py times it): one small all-reduce of every rank's votes;
-        commits a finished async save; returns why to stop, or None."""
-        next_step = self.meter.step_seconds + self.evaluator.expected_seconds(
-            self.train.step + 1, self.meter.step_seconds, self.tokens_per_step)
-        votes = self.stop.votes(next_step, save_in_flight=self.ckpt.save_in_flight())
-        agreed = agree(votes, self.dist.device)
-        self.on_commit(self.ckpt.maybe_commit(agreed.save_in_flight))
-        return self.stop.reason(agreed)
+    def agree(self) -> shutdown.StopVotes:
+        """The step boundary's one collective (bench/shutdown.py times it): every rank's stop votes and whether
+        its async save is still writing, agreed (any rank's yes is everyone's)."""
+        eval_due = self.evaluator.due(self.train.step + 1)
+        next_step = self.clock.step_seconds + (self.clock.expected_eval_seconds(
+            sum(self.evaluator.tokens().values()), self.tokens_per_step) if eval_due else 0.0)
+        in_flight = self.ckpt.save_in_flight()
+        near = self.clock.near_deadline(next_step, save_in_flight=in_flight)
+        return agree(self.stop.votes(near, save_in_flight=in_flight), self.dist.device)
+
+    def stop_check(self, votes: shutdown.StopVotes) -> str | None:
+        """Why the agreed votes say to stop, or None. No side effect."""
+        return self.stop.reason(votes)
+
+    def commit_finished_save(self, votes: shutdown.StopVotes) -> None:
+        """An async save that every rank has finished writing is committed, at the same step on every rank."""
+        self.on_commit(self.ckpt.maybe_commit(votes.save_in_flight))
 
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Forward/backward over this rank's micro-batches, clip, step. Returns (mean loss, grad norm, lr)."""
@@ -198,16 +221,16 @@ class Trainer:
         self.train.tokens += self.tokens_per_step
         self.stream.commit(batch)
         self.meter.step_trained()
-        if self.audit:
-            append_jsonl(self.audit, {"step": self.train.step,
-                                      "spans": [list(s) for seq in batch.plan.sequences for s in seq]})
-        for ev in batch.plan.events:
-            log.info(f"bucket {ev['bucket']!r} exhausted at step {ev['step']}: dropped, mix now {ev['mix']}")
-            self.run_state.event(**ev)
+        self.journal.audit(self.train.step, [list(s) for seq in batch.plan.sequences for s in seq])
+        for dropped in batch.plan.dropped:
+            log.info(f"bucket {dropped['bucket']!r} exhausted at step {dropped['step']}: dropped, mix now "
+                     f"{dropped['mix']}")
+            self.journal.event(events.BucketDropped(**dropped))
         if self.train.step % t.log_steps == 0 or self.train.step == t.max_steps:
-            self.log_step(loss, grad_norm, lr)
+            self.journal.step(self.step_record(loss, grad_norm, lr))
 
-    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+    def step_record(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
+        """The logged step: loss averaged over ranks (a collective: every rank), the meter's window."""
         loss_t = loss.detach().clone()
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
@@ -221,71 +244,68 @@ class Trainer:
                   "tokens": self.train.tokens, **self.meter.window()}
         if self.dist.device.type == "cuda":
             record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-        self.metrics.log(record)
+        return record
 
     def maybe_evaluate(self) -> None:
         """The evaluation that belongs to this step, if one is due: part of the step, budgeted by the stop
         decision, recorded once (the evaluator is a checkpointed part)."""
         if not self.evaluator.due(self.train.step):
             return
-        record = self.evaluator.evaluate(self.train.step)
-        self.meter.exclude(self.evaluator.last_seconds)
-        self.metrics.log_eval(record, self.evaluator.last_seconds)
-        self.run_state.update(eval={k: record[k] for k in ("step", "loss", "ppl", "loss_by_bucket")})
+        with self.clock.measure("eval"):
+            record = self.evaluator.evaluate(self.train.step)
+        seconds = self.clock.last["eval"]
+        self.meter.exclude(seconds)
+        self.journal.evaluation(record, seconds)
 
     # -- saving -----------------------------------------------------------------------------------------------
+    def maybe_save(self) -> None:
+        t = self.cfg.training
+        if t.save_steps and self.train.step % t.save_steps == 0 and self.train.step < t.max_steps:
+            self.save("periodic", asynchronous=t.async_save)
+
     def save(self, kind: str, asynchronous: bool = False) -> None:
         self.on_commit(self.ckpt.wait())  # the save in flight, if any
         if self.ckpt.last_saved_step != self.train.step:  # else this state is saved already
-            self.stop.save_started(asynchronous)  # the stop decision budgets what a save in flight still needs
+            self.clock.save_started(asynchronous)  # the stop decision budgets what a save in flight still needs
             self.on_commit(self.ckpt.save(self.train.step, kind, asynchronous))
 
     def on_commit(self, record: dict | None) -> None:
         if record is None:
             return
-        self.run_state.event("save", **record)
-        self.metrics.scalar("checkpoint/blocking_s", record["blocking_s"], record["step"])
-        self.metrics.scalar("checkpoint/total_s", record["total_s"], record["step"])
-        overruled = self.stop.record_save(record["total_s"], record["async"])  # the measured save budget
-        # save_s: the next launch budgets its first stop decision with this launch's measurement
-        self.run_state.update(last_checkpoint=record["checkpoint"], save_s=self.stop.measured())
-        if overruled:
-            log.warning(overruled)
-            self.run_state.event("save_budget", reserve_s=self.stop.reserve, budget_s=self.stop.save_budget(),
-                                 measured_s=record["total_s"])
+        overruled = self.clock.record_save(record["total_s"], record["async"])  # the measured save budget
+        self.journal.commit(events.Save.from_record(record))
+        self.announce_save_budget(overruled, record["total_s"])
         space = self.ckpt.space_warning()  # the next save will not fit: say so now, with figures
         if space:
             log.warning(space)
-            self.run_state.event("disk_space", message=space)
+            self.journal.event(events.DiskSpace(message=space))
 
     # -- how the launch ends ------------------------------------------------------------------------------------
     def run(self) -> int:
-        try:
-            outcome = self.run_loop()
-        except Halt as h:
-            return self.finish_halt(h.args[0])
-        if outcome == "max_steps":
+        end = self.run_loop()
+        if end.end is End.COMPLETED:
             self.save("final")
-            self.finish(COMPLETED, "max_steps reached", "complete")
-        else:
+            self.finish(end, events.Complete)
+        elif end.end is End.STOPPED:
             self.save("shutdown")
             self.stop.clear_stop_file()
-            self.finish(STOPPED, outcome, "stop")
+            self.finish(end, events.Stop)
+        else:
+            self.save("shutdown")
+            self.finish(self.halt(end.exhausted), events.Halt)
         return 0
 
-    def finish(self, status: str, reason: str, event: str) -> None:
-        if self.dist.is_main and status != HALTED:  # e.g. max_steps lowered to the halted step: no longer HALTED
-            self.run_dir.halted.unlink(missing_ok=True)
+    def finish(self, end: LoopEnd, event: type[events.Event]) -> None:
+        if end.end is not End.HALTED:
+            self.journal.not_halted()
         step, tokens = self.train.step, self.train.tokens
-        self.run_state.update(status=status, reason=reason, step=step, tokens=tokens)
-        self.run_state.event(event, reason=reason, step=step, tokens=tokens)
-        log.info(f"{status}: {reason}" + ("" if "step" in reason else f" at step {step}"))
+        self.journal.status(status=end.end.value, reason=end.reason, step=step, tokens=tokens)
+        self.journal.event(event(reason=end.reason, step=step, tokens=tokens))
+        log.info(f"{end.end.value}: {end.reason}" + ("" if "step" in end.reason else f" at step {step}"))
 
-    def finish_halt(self, e: BucketExhausted) -> int:
-        self.save("shutdown")
+    def halt(self, e: BucketExhausted) -> LoopEnd:
+        """A bucket ran dry (saved already): the HALTED marker says which, and what a person can do."""
         step = self.train.step
-        detail = {"bucket": e.bucket, "phase": e.phase, "step": step, "tokens_short": e.tokens_short,
-                  "remaining_buckets": e.remaining}
         if e.final:  # exhaustion was allowed, and no bucket of the phase is left: the flag cannot help
             reason = f"{e} (saved at step {step})"
         else:
@@ -294,7 +314,6 @@ class Trainer:
                       f"--data.allow_bucket_exhaustion true to drop it and continue with "
                       f"{', '.join(e.remaining)} renormalised, or end the run there with "
                       f"--training.max_steps {step}")
-        if self.dist.is_main:
-            write_json_atomic(self.run_dir.halted, {**detail, "reason": reason})
-        self.finish(HALTED, reason, "halt")
-        return 0
+        self.journal.halted({"bucket": e.bucket, "phase": e.phase, "step": step, "tokens_short": e.tokens_short,
+                             "remaining_buckets": e.remaining, "reason": reason})
+        return LoopEnd(End.HALTED, reason, e)

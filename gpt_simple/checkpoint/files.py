@@ -48,6 +48,8 @@ META_FORMAT = 2
 KINDS = {"periodic": "", "shutdown": "-shutdown", "final": "-final"}
 NAME_RE = re.compile(r"^step-(\d+)(-shutdown|-final)?$")
 CORRUPT_PREFIX = "corrupt-"
+TMP_PREFIX = ".tmp-"  # a save being written: .tmp-NAME, renamed to NAME once committed
+TRASH_PREFIX = ".trash-"  # a checkpoint moved aside by retention while it is deleted
 
 
 class CheckpointError(RuntimeError):

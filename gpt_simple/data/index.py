@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_simple.data.shards import Bucket, ShardError
+from gpt_simple.fileio import append_jsonl, write_atomic
 
 MAGIC = b"GPTSORD\x01"
 VERSION = 1
@@ -219,25 +220,10 @@ def build(bucket: Bucket, seed: int, pass_: int, key: str, path: Path) -> None:
     header["header_crc"] = zlib.crc32(json.dumps(header, sort_keys=True).encode())
     body = json.dumps(header, sort_keys=True).encode()
     hb = -(-(16 + len(body)) // HEADER_BYTES) * HEADER_BYTES  # whole pages: the payload stays page-aligned
-    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + hb.to_bytes(8, "little") + body.ljust(hb - 16))
-            for m in payload:
-                f.write(m)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    with open(path.parent / "builds.log", "a") as f:
-        f.write(json.dumps({"file": path.name, "host": socket.gethostname(), "pid": os.getpid(),
-                            "seconds": round(time.monotonic() - t0, 3), "n_docs": bucket.n_docs}) + "\n")
+    # the temporary name is unique per host, process and thread: several hosts may build the same file at once
+    write_atomic(path, [MAGIC + hb.to_bytes(8, "little") + body.ljust(hb - 16), *payload], sync_dir=True)
+    append_jsonl(path.parent / "builds.log", {"file": path.name, "host": socket.gethostname(), "pid": os.getpid(),
+                                              "seconds": round(time.monotonic() - t0, 3), "n_docs": bucket.n_docs})
 
 
 def _lock(path: Path):

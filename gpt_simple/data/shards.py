@@ -9,12 +9,13 @@ others, and refuses a mismatch with a one-line ShardError that names the file.
 from __future__ import annotations
 
 import json
-import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from gpt_simple.fileio import publish
 
 MAGIC = b"GPTSIDX\x01"
 VERSION = 1
@@ -115,9 +116,10 @@ class ShardWriter:
             f.write(header.encode())
             offsets = np.frombuffer(self.offsets, dtype=np.int64)
             f.write(offsets.astype("<i8", copy=False).tobytes())
-        os.replace(self._bin_tmp, self.prefix.with_name(self.prefix.name + ".bin"))
+        # Not fsynced here: a build fsyncs a finished shard before recording it (prepare/folder.py).
+        publish(self._bin_tmp, self.prefix.with_name(self.prefix.name + ".bin"))
         # The .idx is renamed last: a shard without its index is invisible to readers.
-        os.replace(idx_tmp, self.prefix.with_name(self.prefix.name + ".idx"))
+        publish(idx_tmp, self.prefix.with_name(self.prefix.name + ".idx"))
 
     def abort(self) -> None:
         """Drop what was written (nothing becomes visible)."""

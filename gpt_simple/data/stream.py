@@ -194,7 +194,7 @@ class StepPlan:
     step: int
     sequences: list[list[Span]]
     state_after: dict
-    events: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)  # buckets dropped by this step (exhaustion allowed)
 
 
 @dataclass
@@ -286,7 +286,7 @@ class DataStream:
         state = copy.deepcopy(state)
         schedule = Schedule(self.phases, self.seq_len)
         schedule.load_state_dict(state["schedule"])
-        sequences, events = [], []
+        sequences, dropped = [], []
         need = self.seq_len + 1
         while len(sequences) < self.global_batch:
             bucket = schedule.peek()
@@ -302,7 +302,7 @@ class DataStream:
                 if not remaining:  # the last bucket of the phase: dropping it would leave nothing
                     raise BucketExhausted(bucket, schedule.phase, need - left, [], final=True)
                 schedule.drop(bucket)
-                events.append({"kind": "bucket_dropped", "bucket": bucket, "phase": schedule.phase,
+                dropped.append({"bucket": bucket, "phase": schedule.phase,
                                "step": state["step"] + 1, "tokens_unused": left,
                                "mix": {b: float(w) for b, w in schedule.active_weights().items()}})
                 continue
@@ -312,7 +312,7 @@ class DataStream:
         state["step"] += 1
         state["sequences"] += len(sequences)
         state["schedule"] = schedule.state_dict()
-        return StepPlan(state["step"], sequences, state, events)
+        return StepPlan(state["step"], sequences, state, dropped)
 
     def materialize(self, plan: StepPlan) -> Batch:
         per_rank = self.global_batch // self.world_size

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_simple.checkpoint import COMMITTED, CheckpointError, SAVE_DELAY_ENV, list_committed, load_model_state
+from gpt_simple.checkpoint import COMMITTED, CheckpointError, list_committed, load_model_state
 from helpers.checkpoint import tiny_trained_manager
 from helpers.train import PYTHON, ROOT, child_env, events, finish, losses, metrics, start_train, status_word
 from helpers.train import run_train as _run_train
@@ -177,7 +177,7 @@ def test_stopped_and_resumed_is_bit_identical(tmp_path, demo_data):
     s1 = last_step(out)
 
     # every checkpoint write now sleeps 1 s first (a slow filesystem), so the stop comes mid-save
-    proc = launch(out, demo_data, *SAME, env=child_env(**{SAVE_DELAY_ENV: "1"}))
+    proc = launch(out, demo_data, *SAME, env=child_env(GPT_SIMPLE_DRILL="save=1"))
     in_flight = []
 
     def periodic_in_flight():
@@ -277,13 +277,12 @@ def test_kill_9_during_saves(tmp_path, demo_data):
     Also: an async save's staging copy overlaps the next forward/backward and the optimizer step waits for it.
     With that copy slowed down in the reference run (it would otherwise finish long before the step), its
     periodic step-4 checkpoint still holds exactly the weights after step 4: those of a run that ended there."""
-    from gpt_simple.checkpoint import STAGE_DELAY_ENV
     ref, out = tmp_path / "ref", tmp_path / "run"
-    run_train(ref, demo_data, *KILL, "--training.max_steps", "8", env=child_env(**{STAGE_DELAY_ENV: "0.5"}))
+    run_train(ref, demo_data, *KILL, "--training.max_steps", "8", env=child_env(GPT_SIMPLE_DRILL="stage=0.5"))
     run_train(out, demo_data, *KILL, "--training.max_steps", "4")
     assert committed(out) == ["step-2", "step-4-final"]
     assert_same_weights(ref / "checkpoints" / "step-4", out / "checkpoints" / "step-4-final")
-    slow = child_env(**{SAVE_DELAY_ENV: "2"})  # every checkpoint write sleeps 2 s first: a slow filesystem
+    slow = child_env(GPT_SIMPLE_DRILL="save=2")  # every checkpoint write sleeps 2 s first: a slow filesystem
 
     def killed_mid_save(partial, also=lambda: True):
         proc = launch(out, demo_data, *KILL, "--training.max_steps", "8", env=slow)
@@ -315,6 +314,13 @@ def test_kill_9_during_saves(tmp_path, demo_data):
     assert status_word(out) == "COMPLETED"
     assert losses(out) == losses(ref)
     assert_same_weights(ref / "checkpoints" / "step-8-final", out / "checkpoints" / "step-8-final")
+    # TensorBoard's own reader shows every step once (launches 2 and 3 logged steps that launch 4 trained again)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    shown = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [step for step, _ in shown] == [step for step, _ in losses(out)] == list(range(1, 9))
+    assert [value for _, value in shown] == pytest.approx([loss for _, loss in losses(out)], rel=1e-6)
 
 
 # -- end to end: corrupt checkpoints -----------------------------------------------------------------------------

@@ -17,3 +17,19 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, args, message):
     assert proc.stderr.strip() == message.strip() or proc.stderr.strip().startswith(message)
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_a_malformed_drill_is_refused_before_anything_is_built(tmp_path, demo_data):
+    """The test seam is validated at start-up: one line naming GPT_SIMPLE_DRILL, exit 2, ERROR in an existing run
+    folder, no training."""
+    from helpers.train import child_env, run_train
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = run_train(out, demo_data, "--training.max_steps", "3", env=child_env(GPT_SIMPLE_DRILL="step=fast"),
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: GPT_SIMPLE_DRILL='step=fast': step needs a number of "
+                                                "seconds >= 0, not 'fast'"]
+    assert (out / "run_state.json").exists() and not (out / "metrics.jsonl").exists()
+    import json
+    assert json.loads((out / "run_state.json").read_text())["status"] == "ERROR"

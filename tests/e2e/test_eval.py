@@ -141,7 +141,7 @@ def test_the_stop_decision_budgets_for_a_due_evaluation(tmp_path, demo_data):
     out = tmp_path / "run"
     args = (*EVAL, "--training.max_steps", "100000", "--training.save_steps", "0", "--eval.every_steps", "3",
             "--training.walltime_reserve_seconds", "0.2", "--training.log_steps", "1")
-    env = child_env(GPT_SIMPLE_MAX_RUNTIME="15", GPT_SIMPLE_EVAL_DELAY_S="3")
+    env = child_env(GPT_SIMPLE_MAX_RUNTIME="15", GPT_SIMPLE_DRILL="eval=3")
     run_train(out, demo_data, *args, env=env, timeout=120)
     state = json.loads((out / "run_state.json").read_text())
     assert state["status"] == "STOPPED" and state["reason"].startswith("deadline"), state

@@ -287,7 +287,7 @@ def test_two_pods_stop_on_their_deadline_and_resume_until_completed(tmp_path, de
     out = tmp_path / "run"
     t0 = time.time()
     # >= 0.3 s a step: at most ~50 steps fit a 20 s attempt on any machine, so 60 steps take 2 attempts or more
-    codes = run_job(tmp_path, out, demo_data, 1, 20, GPT_SIMPLE_MAX_RUNTIME="20", GPT_SIMPLE_STEP_DELAY_S="0.3")
+    codes = run_job(tmp_path, out, demo_data, 1, 20, GPT_SIMPLE_MAX_RUNTIME="20", GPT_SIMPLE_DRILL="step=0.3")
     print(f"two pods, {len(codes)} attempts: {time.time() - t0:.0f}s")
     assert len(codes) >= 2, "one attempt finished the run: make it longer"
     assert status_of(out) == "COMPLETED"

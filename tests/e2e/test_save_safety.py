@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from gpt_simple.checkpoint import SAVE_DELAY_ENV
 from helpers.checkpoint import flip_tensor_byte
 from helpers.paths import PYTHON, ROOT
 from helpers.train import child_env, events, finish, losses, run_train, start_train, status_word
@@ -107,7 +106,7 @@ def test_the_shutdown_save_fits_before_the_deadline_when_the_reserve_is_too_smal
     """Every checkpoint write sleeps 2 s (a slow filesystem) and the reserve is 0.2 s: the stop decision keeps the
     measured save time (with its margin) instead, so the shutdown checkpoint is committed before the deadline."""
     out = tmp_path / "run"
-    env = child_env(GPT_SIMPLE_MAX_RUNTIME="30", **{SAVE_DELAY_ENV: "2"})
+    env = child_env(GPT_SIMPLE_MAX_RUNTIME="30", GPT_SIMPLE_DRILL="save=2")
     proc = start_train(out, demo_data, "--training.max_steps", "100000", "--training.save_steps", "20",
                        "--training.walltime_reserve_seconds", "0.2", "--training.log_steps", "50", env=env)
     code, stdout, stderr = finish(proc, timeout=120)
@@ -130,11 +129,11 @@ def test_a_resumed_launch_budgets_its_first_stop_with_the_save_time_measured_bef
     measured (carried in run_state.json) budgets its stop from the first step: with a 0.2 s reserve and 2 s writes,
     the shutdown checkpoint is still committed before the deadline (with the reserve alone it lands after)."""
     out = tmp_path / "run"
-    run_train(out, demo_data, "--training.max_steps", "3", env=child_env(**{SAVE_DELAY_ENV: "2"}))
-    measured = json.loads((out / "run_state.json").read_text())["save_s"]["sync"]
+    run_train(out, demo_data, "--training.max_steps", "3", env=child_env(GPT_SIMPLE_DRILL="save=2"))
+    measured = json.loads((out / "run_state.json").read_text())["durations"]["save_sync_s"]
     assert measured >= 2  # the final save, with its 2 s write
 
-    env = child_env(GPT_SIMPLE_MAX_RUNTIME="20", **{SAVE_DELAY_ENV: "2"})
+    env = child_env(GPT_SIMPLE_MAX_RUNTIME="20", GPT_SIMPLE_DRILL="save=2")
     proc = run_train(out, demo_data, "--training.max_steps", "100000", "--training.walltime_reserve_seconds", "0.2",
                      "--training.log_steps", "50", env=env, timeout=120)
     assert "the previous launch measured a save of" in proc.stderr, proc.stderr[-2000:]

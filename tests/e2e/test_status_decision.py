@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt_simple import status as st
+from gpt_simple import status_report as st
 from gpt_simple.run_state import STATUSES, RunState
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -159,7 +159,7 @@ def test_local_loop_resumes_until_completed(tmp_path, demo_data):
     out = tmp_path / "loop"
     t0 = time.time()
     # >= 0.2 s a step: at most ~50 steps fit a 15 s job on any machine, so 60 steps take 2 attempts or more
-    r = run_loop(out, tiny_args(demo_data, steps, 3), GPT_SIMPLE_MAX_RUNTIME="15", GPT_SIMPLE_STEP_DELAY_S="0.2")
+    r = run_loop(out, tiny_args(demo_data, steps, 3), GPT_SIMPLE_MAX_RUNTIME="15", GPT_SIMPLE_DRILL="step=0.2")
     print(f"local loop: {time.time() - t0:.0f}s")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert status_of(out) == "COMPLETED"
@@ -206,7 +206,7 @@ def test_the_contracts_minimal_shell_loop_runs_to_completed(tmp_path, demo_data)
     cfg.training.output_dir = "./outputs"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     # >= 0.2 s a step (as in the local-loop test): the run takes 2 launches or more on any machine
-    env = clean_env(PATH=f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}", GPT_SIMPLE_STEP_DELAY_S="0.2")
+    env = clean_env(PATH=f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}", GPT_SIMPLE_DRILL="step=0.2")
     r = subprocess.run(["bash", "-c", SEED_LOOP], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "outputs"

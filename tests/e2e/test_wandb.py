@@ -2,7 +2,7 @@
 step's point once even when a SIGKILL makes the next job train steps again.
 
 The history is read back from the transaction logs W&B writes offline (`offline-run-*/run-ID.wandb`, what
-`wandb sync` uploads) with the sink's own reader (gpt_simple.wandb_log.transaction_log: LevelDB's log format
+`wandb sync` uploads) with the sink's own reader (gpt_simple.journal.wandb_sink.transaction_log: LevelDB's log format
 around W&B's protobuf records); wandb 0.31 has no public Python reader for them.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gpt_simple.run_dir import read_jsonl
-from gpt_simple.wandb_log import history_rows, transaction_log
+from gpt_simple.journal.wandb_sink import history_rows, transaction_log
 from helpers.paths import PYTHON, ROOT
 from helpers.train import TINY, child_env, events, finish, metrics, run_train, start_train, status_word
 

@@ -1,5 +1,5 @@
-"""Checksums written at the commit and verified at the load; the measured save budget of the stop decision; the
-disk-space warning. In process, no subprocesses."""
+"""Checksums written at the commit and verified at the load; the disk-space warning. In process, no subprocesses.
+(The measured save budget of the stop decision is the clock's: tests/unit/test_clock.py.)"""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,6 @@ from gpt_simple.checkpoint import CheckpointError, list_committed
 from gpt_simple.checkpoint.files import (CHECKSUM_BLOCK, CHECKSUMS, ChecksumMismatch, checkpoint_files,
                                          file_checksum, read_checksums, verify_checkpoint, verify_files)
 from gpt_simple.checkpoint.verify import verify_main
-from gpt_simple.shutdown import SAVE_MARGIN, Deadline, StopFlags, StopPolicy
 from helpers.checkpoint import flip_tensor_byte, tiny_trained_manager
 
 
@@ -117,62 +116,13 @@ def test_a_save_that_fails_removes_its_partial_and_keeps_the_committed(tmp_path,
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("gpt_simple.checkpoint.manager.write_durable", no_space)
+    monkeypatch.setattr("gpt_simple.checkpoint.saver.write_durable", no_space)
     with pytest.raises(CheckpointError) as e:
         mgr.save(2, "final")
     message = str(e.value)
     assert "saving step-2-final failed" in message and "No space left" in message and "free" in message
     assert "\n" not in message and "newest: step-1-final" in message
     assert sorted(p.name for p in mgr.root.iterdir()) == ["step-1-final"]
-
-
-# -- the measured save budget ---------------------------------------------------------------------------------------
-def policy(tmp_path, reserve: float, left: float = 100.0) -> StopPolicy:
-    return StopPolicy(tmp_path, Deadline(1000.0 + left, "test", []), reserve, StopFlags())
-
-
-def test_the_budget_is_the_larger_of_the_reserve_and_the_measured_save(tmp_path):
-    p = policy(tmp_path, reserve=5)
-    assert p.reserve_seconds() == 5
-    assert p.record_save(2.0, asynchronous=False) is None  # 3 s with the margin: the reserve stays
-    warning = p.record_save(10.0, asynchronous=False)
-    assert warning and "walltime_reserve_seconds = 5" in warning
-    assert p.reserve_seconds() == SAVE_MARGIN * 10
-    assert p.record_save(20.0, asynchronous=False) is None  # warned once
-    # votes: stop once the deadline is within the budget plus a step
-    assert not p.votes(1.0, now=1000.0 + 100 - SAVE_MARGIN * 20 - 1.5).deadline
-    assert p.votes(1.0, now=1000.0 + 100 - SAVE_MARGIN * 20 - 0.5).deadline
-
-
-def test_an_async_save_in_flight_adds_what_it_still_needs(tmp_path):
-    p = policy(tmp_path, reserve=1)
-    p.record_save(4.0, asynchronous=True)  # no sync save measured yet: the async total stands in
-    assert p.reserve_seconds() == SAVE_MARGIN * 4
-    p.save_started(asynchronous=True, now=500.0)
-    assert p.reserve_seconds(save_in_flight=True, now=501.0) == SAVE_MARGIN * 4 + SAVE_MARGIN * 4 - 1.0
-    assert p.reserve_seconds(save_in_flight=True, now=600.0) == SAVE_MARGIN * 4  # overdue: nothing extra
-    assert p.reserve_seconds(save_in_flight=False, now=501.0) == SAVE_MARGIN * 4
-    p.record_save(2.0, asynchronous=False)  # a synchronous save measured: it is what the shutdown save costs
-    assert p.save_budget() == SAVE_MARGIN * 2
-
-
-def test_no_deadline_no_warning(tmp_path):
-    p = StopPolicy(tmp_path, Deadline(None, "none", []), 1.0, StopFlags())
-    assert p.record_save(100.0, asynchronous=False) is None
-    assert not p.votes(1.0).deadline
-
-
-def test_a_resumed_launch_starts_with_the_previous_launchs_measurement(tmp_path):
-    p = policy(tmp_path, reserve=1)
-    warning = p.carry_over(4.0, 6.0)  # run_state.json's save_s of the launch before
-    assert warning and "previous launch measured a save of 4.0s" in warning
-    assert p.save_budget() == SAVE_MARGIN * 4  # from the first step, before this launch has saved
-    assert p.record_save(2.0, asynchronous=False) is None  # said once per launch
-    assert p.save_budget() == max(1, SAVE_MARGIN * 2)  # this launch's own measurement replaces it
-    assert p.measured() == {"sync": 2.0, "async": 6.0}
-    assert policy(tmp_path, reserve=10).carry_over(4.0, 0.0) is None  # within the reserve: nothing to say
-    fresh = policy(tmp_path, reserve=1)
-    assert fresh.carry_over(0.0, 0.0) is None and fresh.save_budget() == 1  # nothing measured before
 
 
 # -- export and generate check the checksums as training's load does ------------------------------------------------

@@ -156,12 +156,12 @@ def test_exhaustion_halts_at_the_predicted_step_or_drops_the_bucket(data):
     for _ in range(halt_step - 1):
         s.commit(s.next_batch())
     batch = s.next_batch()
-    (event,) = batch.plan.events
-    assert event["kind"] == "bucket_dropped" and event["bucket"] == "c" and event["step"] == halt_step
+    (event,) = batch.plan.dropped
+    assert event["bucket"] == "c" and event["step"] == halt_step
     assert event["mix"] == {"b": 1.0} and event["tokens_unused"] < SEQ + 1
     s.commit(batch)
     later = s.next_batch()
-    assert {seq[0][0] for seq in later.plan.sequences} == {"b"} and not later.plan.events
+    assert {seq[0][0] for seq in later.plan.sequences} == {"b"} and not later.plan.dropped
     s.close()
 
 

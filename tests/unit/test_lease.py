@@ -97,7 +97,7 @@ def test_job_id():
 
 
 def test_decision_held(tmp_path):
-    from gpt_simple.status import decision
+    from gpt_simple.status_report import decision
     write_lease(tmp_path)
     word, action, reason = decision(tmp_path)
     assert (word, action) == ("NONE", "held") and "elsewhere" in reason
@@ -121,15 +121,16 @@ def test_transient_classification():
 
 
 def test_transient_cap(tmp_path):
-    from gpt_simple.run_state import ERROR, STOPPED, RunState
+    from gpt_simple.journal import Journal
+    from gpt_simple.run_state import ERROR, STOPPED
     from gpt_simple.launch import TRANSIENT_CAP, _record_transient
     for i in range(TRANSIENT_CAP):
-        rs = RunState(tmp_path)
+        rs = Journal(tmp_path)
         _record_transient(rs, "peer lost", 5)
-        assert rs.state["status"] == STOPPED and rs.state["reason"].startswith("transient: ")
-    rs = RunState(tmp_path)
+        assert rs.state.state["status"] == STOPPED and rs.state.state["reason"].startswith("transient: ")
+    rs = Journal(tmp_path)
     _record_transient(rs, "peer lost", 5)
-    assert rs.state["status"] == ERROR and rs.state["transient_failures"] == TRANSIENT_CAP + 1
-    rs = RunState(tmp_path)
+    assert rs.state.state["status"] == ERROR and rs.state.state["transient_failures"] == TRANSIENT_CAP + 1
+    rs = Journal(tmp_path)
     _record_transient(rs, "peer lost", 6)  # progress resets the count
-    assert rs.state["status"] == STOPPED and rs.state["transient_failures"] == 1
+    assert rs.state.state["status"] == STOPPED and rs.state.state["transient_failures"] == 1

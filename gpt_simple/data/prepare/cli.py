@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
         raise PrepareError(f"{message} (see gpt-simple prepare --help)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gpt-simple prepare", description=DESCRIPTION,
                 epilog="Exit codes: 0 done (malformed records skipped are listed as warnings), 1 an I/O error, "
                        "2 bad arguments or input (with --strict: the first malformed record), 130 interrupted.")
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepare_main(argv: list[str]) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
         if args.workers < 0:
             raise PrepareError("--workers must be >= 0")
         if args.shard_tokens < 1:

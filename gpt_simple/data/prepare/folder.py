@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from gpt_simple.data.shards import Shard, ShardError
-from gpt_simple.run_dir import fsync_dir, write_atomic
+from gpt_simple.fileio import fsync_file, write_atomic
 
 try:
     import fcntl
@@ -29,11 +29,6 @@ except ImportError:  # not POSIX: builds are not shared or continued
 
 LOCK, PLAN, PROGRESS = ".lock", ".plan.json", ".progress.json"
 HOLDOUT_DIR = ".holdout"   # the validation candidates as of the last record (holdout.py)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    write_atomic(path, text)
-    fsync_dir(path.parent)  # the rename itself survives a power loss: a resumed build trusts this record
 
 
 def _lock(path: Path, create: bool) -> int | None:
@@ -74,7 +69,8 @@ class BuildFolder:
             self.path.mkdir(parents=True)
             self.lock = _lock(self.path / LOCK, create=True)
             # Written after the lock is held: a folder with a plan is locked until its owner dies.
-            _write_durable(self.path / PLAN, json.dumps(plan, indent=1))
+            # sync_dir: the rename itself survives a power loss, since a resumed build trusts this record
+            write_atomic(self.path / PLAN, json.dumps(plan, indent=1), sync_dir=True)
 
     def _adopt(self, out: Path, bucket: str) -> bool:
         if fcntl is None or not out.is_dir():
@@ -127,12 +123,8 @@ class BuildFolder:
     def record(self, progress: dict, finished_shard: Path) -> None:
         """A shard is complete: make it durable, then say so (a crash between the two redoes that shard)."""
         for ext in (".bin", ".idx"):
-            fd = os.open(finished_shard.with_name(finished_shard.name + ext), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _write_durable(self.path / PROGRESS, json.dumps(progress))
+            fsync_file(finished_shard.with_name(finished_shard.name + ext))
+        write_atomic(self.path / PROGRESS, json.dumps(progress), sync_dir=True)
         self.progress = progress
 
     def finish(self) -> None:

@@ -140,21 +140,26 @@ def status_main(argv: list[str]) -> int:
         return EXIT_OK
 
 
-def _status(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt-simple status", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", nargs="?", help="the run's output_dir")
-    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="the run's output_dir")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", help="the run's output_dir")
     parser.add_argument("--json", action="store_true", help="print the full state as JSON")
     parser.add_argument("--decision", action="store_true",
                         help="print one line WORD<TAB>ACTION<TAB>reason for orchestrators (see above)")
+    return parser
+
+
+def _status(argv: list[str]) -> int:
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
     out = args.output_dir or args.dir
     if not out:
-        print("error: give the run's output directory (status.py OUTDIR or --output_dir OUTDIR)", file=sys.stderr)
+        print("error: give the run's output directory (status.py OUTDIR or --output-dir OUTDIR)", file=sys.stderr)
         return EXIT_USAGE
     if args.decision:
         print("\t".join(decision(Path(out))))

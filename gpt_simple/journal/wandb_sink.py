@@ -1,4 +1,4 @@
-"""Weights & Biases as one more metrics sink (rank 0, optional: `pip install 'gpt-simple[wandb]'`, `[wandb]`).
+"""Weights & Biases as one more metric sink of the journal (rank 0, optional: `pip install 'gpt-simple[wandb]'`, `[wandb]`).
 
 One W&B run per training run. Its id is drawn once and kept in output_dir/wandb.json, so every job of a chain
 resumes the same W&B run (`resume="allow"`: "must" would refuse an online resume of a run whose first job was
@@ -31,6 +31,7 @@ import struct
 from pathlib import Path
 
 from gpt_simple.config import Config, ConfigError
+from gpt_simple.journal.events import Save
 from gpt_simple.run_dir import RunDir, read_jsonl, write_json_atomic
 from gpt_simple.runtime import log
 
@@ -116,6 +117,16 @@ class WandbSink:
         except Exception as e:  # noqa: BLE001
             self._disable("logging failed", e)
 
+    # the journal's sink interface (gpt_simple/journal/sinks.py)
+    def train(self, record: dict) -> None:
+        self.log("train", record["step"], scalars("train", record))
+
+    def eval(self, record: dict) -> None:
+        self.log("eval", record["step"], eval_scalars(record))
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        self.log(name, step, {name: value})
+
     def close(self) -> None:
         """The run's status (run_state.json, written by now) as the W&B run's summary and final state."""
         if self.run is None:
@@ -171,7 +182,7 @@ class WandbSink:
                 else:
                     self.log("train", record["step"], scalars("train", record))
         for event in read_jsonl(self.run_dir.events):
-            if event.get("event") == "save" and event.get("step", 0) <= resume_step:
+            if event.get("event") == Save.kind and event.get("step", 0) <= resume_step:
                 for name in ("blocking_s", "total_s"):
                     if name in event:
                         self.log(f"checkpoint/{name}", event["step"], {f"checkpoint/{name}": event[name]})

@@ -6,6 +6,8 @@ newest checkpoint on, if the run has one) against what each bucket holds, withou
 table per phase; exit 0 when the data covers the run, 2 with one `error: ...` line when it does not (a bucket
 that would run dry while data.allow_bucket_exhaustion is false, or data that runs out altogether) or when the
 config or the data is unusable.
+
+(A preflight check: "validation" everywhere else means the held-out split, eval.py.)
 """
 from __future__ import annotations
 

@@ -1,0 +1,150 @@
+"""The journal: everything a run writes about itself, in one place.
+
+run_state.json (the status the orchestrator reads, with the clock's durations), events.jsonl (typed records of
+the catalogue in journal/events.py), the metric sinks (metrics.jsonl, TensorBoard, W&B, the console: the same
+step and evaluation records), the HALTED marker, config.toml and the data audit. The trainer and the launch hand
+it records and know no file.
+
+Only rank 0 keeps a journal. Every other rank gets a `SilentJournal`, whose writing methods are built to do
+nothing, so no caller checks its rank before recording.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gpt_simple.journal import events
+from gpt_simple.journal.events import Event
+from gpt_simple.journal.sinks import ConsoleSink, metric_sinks
+from gpt_simple.run_dir import RunDir, append_jsonl, truncate_jsonl, write_atomic, write_json_atomic
+from gpt_simple.run_state import RunState
+
+
+class Journal:
+    def __init__(self, output_dir: str | Path):
+        self.run_dir = RunDir(output_dir)
+        self.state = RunState(self.run_dir.path)
+        self.sinks: list = []
+        self.console: ConsoleSink | None = None
+        self.clock = None  # the run's Clock, once built: every status write carries its durations
+        self.audit_on = False
+
+    # -- what the launch knows before training ----------------------------------------------------------------
+    @property
+    def previous_step(self) -> int:
+        return self.state.previous_step
+
+    @property
+    def lease(self):
+        return self.state.lease
+
+    @lease.setter
+    def lease(self, lease) -> None:
+        self.state.lease = lease
+
+    @property
+    def durations(self) -> dict:
+        """The durations the previous launch measured (rank 0 only: other ranks learn them from the trainer's
+        agreement)."""
+        return dict(self.state.state.get("durations") or {})
+
+    @property
+    def launches(self) -> int:
+        return self.state.state["launches"]
+
+    def follow(self, clock) -> None:
+        self.clock = clock
+
+    # -- run_state.json ----------------------------------------------------------------------------------------
+    def status(self, **fields) -> None:
+        if self.clock is not None:
+            fields.update(durations=self.clock.carried(), stale_after_s=self.clock.stale_after_s())
+        self.state.update(**fields)
+
+    def heartbeat(self, step: int, tokens: int) -> None:
+        self.status(step=step, tokens=tokens)
+
+    # -- events.jsonl ------------------------------------------------------------------------------------------
+    def event(self, record: Event) -> None:
+        if not isinstance(record, Event):
+            raise TypeError(f"events.jsonl takes a record of gpt_simple.journal.events, not {record!r}")
+        append_jsonl(self.run_dir.events, {"time": time.time(), "event": record.kind, "launch": self.launches,
+                                           **record.fields()})
+
+    # -- the launch's own files ----------------------------------------------------------------------------------
+    def begin(self, cfg, config_toml: str, resume_step: int) -> None:
+        """Before the first step: config.toml of this launch, a HALTED marker the config now overrides, the
+        audit and the metric sinks trimmed to the resumed step and opened."""
+        write_atomic(self.run_dir.config, config_toml)
+        if cfg.data.allow_bucket_exhaustion and self.run_dir.halted.exists():
+            self.run_dir.halted.unlink()
+            self.event(events.HaltOverridden(step=resume_step))
+        self.audit_on = cfg.data.audit
+        if self.audit_on:
+            truncate_jsonl(self.run_dir.audit, resume_step)
+        self.console = ConsoleSink(cfg.training.max_steps)
+        self.sinks = metric_sinks(cfg, self.run_dir)
+        for sink in [*self.sinks, self.console]:
+            sink.open(resume_step)
+
+    def audit(self, step: int, spans: list) -> None:
+        if self.audit_on:
+            append_jsonl(self.run_dir.audit, {"step": step, "spans": spans})
+
+    def halted(self, detail: dict) -> None:
+        write_json_atomic(self.run_dir.halted, detail)
+
+    def not_halted(self) -> None:
+        """A launch that ended otherwise (e.g. max_steps lowered to the halted step) is no longer HALTED."""
+        self.run_dir.halted.unlink(missing_ok=True)
+
+    # -- metric records --------------------------------------------------------------------------------------------
+    def step(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.train(record)
+        self.console.train(record)
+
+    def evaluation(self, record: dict, seconds: float) -> None:
+        for sink in self.sinks:
+            sink.eval(record)
+        self.console.eval(record, seconds)
+        self.status(eval={k: record[k] for k in ("step", "loss", "ppl", "loss_by_bucket")})
+
+    def commit(self, save: events.Save) -> None:
+        """A committed checkpoint: its event, the status's last checkpoint, its timings as scalars."""
+        self.event(save)
+        for name in ("blocking_s", "total_s"):
+            for sink in self.sinks:
+                sink.scalar(f"checkpoint/{name}", getattr(save, name), save.step)
+        self.status(last_checkpoint=save.checkpoint)
+
+    def close(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
+
+
+# What a journal writes: the SilentJournal of the other ranks does none of it.
+WRITES = ("status", "heartbeat", "event", "begin", "audit", "halted", "not_halted", "step", "evaluation",
+          "commit", "close")
+
+
+def _nothing(self, *args, **kwargs) -> None:
+    return None
+
+
+class SilentJournal(Journal):
+    """The journal of a rank other than 0: it reads nothing and writes nothing."""
+
+    def __init__(self, output_dir: str | Path):
+        self.run_dir = RunDir(output_dir)
+        self.state = RunState(self.run_dir.path, enabled=False)
+        self.sinks, self.console, self.clock, self.audit_on = [], None, None, False
+
+
+for _name in WRITES:
+    setattr(SilentJournal, _name, _nothing)
+
+
+def open_journal(output_dir: str | Path, is_main: bool) -> Journal:
+    return Journal(output_dir) if is_main else SilentJournal(output_dir)

@@ -1,0 +1,174 @@
+"""The catalogue of events.jsonl: one typed record per kind of thing that happens to a run. No event name is
+spelled anywhere else; readers (W&B's re-send, status, benchmarks, tests) compare with `Kind.kind`.
+
+Each line of events.jsonl is {"time", "event": kind, "launch": n, **fields}. A field declared with
+`optional()` is left out of the line while it is None (e.g. `carried` of a save budget that this launch
+measured itself); every other field is always written, null included.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+def optional(default=None):
+    return field(default=default, metadata={"optional": True})
+
+
+@dataclass
+class Event:
+    kind: ClassVar[str] = ""
+    renamed: ClassVar[dict[str, str]] = {}  # Python name -> JSON key, where the key is a Python keyword
+
+    def fields(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("optional"):
+                continue
+            out[self.renamed.get(f.name, f.name)] = value
+        return out
+
+
+# -- a launch's life ------------------------------------------------------------------------------------------------
+@dataclass
+class Launch(Event):
+    kind: ClassVar[str] = "launch"
+    world_size: int
+    mesh: list
+    deadline_source: str
+    deadline_at: float | None
+    warnings: list
+
+
+@dataclass
+class Drill(Event):
+    """A test drill slows parts of this launch (gpt_simple/drill.py): never in production."""
+    kind: ClassVar[str] = "drill"
+    seconds: dict
+
+
+@dataclass
+class LeaseTakeover(Event):
+    kind: ClassVar[str] = "lease_takeover"
+    previous: dict
+
+
+@dataclass
+class Resume(Event):
+    kind: ClassVar[str] = "resume"
+    checkpoint: str
+    step: int
+    config_changes: dict
+    load_s: float
+
+
+@dataclass
+class HaltOverridden(Event):
+    kind: ClassVar[str] = "halt_overridden"
+    step: int
+
+
+@dataclass
+class BucketDropped(Event):
+    kind: ClassVar[str] = "bucket_dropped"
+    bucket: str
+    phase: int
+    step: int
+    tokens_unused: int
+    mix: dict
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+@dataclass
+class PartialCheckpointRemoved(Event):
+    kind: ClassVar[str] = "partial_checkpoint_removed"
+    name: str
+
+
+@dataclass
+class CheckpointFallback(Event):
+    kind: ClassVar[str] = "checkpoint_fallback"
+    checkpoint: str
+    error: str
+
+
+@dataclass
+class Save(Event):
+    """A committed checkpoint (the manager's commit record)."""
+    kind: ClassVar[str] = "save"
+    renamed: ClassVar[dict[str, str]] = {"asynchronous": "async"}
+    checkpoint: str
+    step: int
+    type: str
+    asynchronous: bool
+    blocking_s: float
+    total_s: float
+    bytes: int | None
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Save":
+        return cls(record["checkpoint"], record["step"], record["type"], record["async"], record["blocking_s"],
+                   record["total_s"], record["bytes"])
+
+
+@dataclass
+class SaveBudget(Event):
+    """A measured save time overruled training.walltime_reserve_seconds."""
+    kind: ClassVar[str] = "save_budget"
+    reserve_s: float
+    budget_s: float
+    measured_s: float
+    carried: bool | None = optional()  # measured by the launch before
+
+
+@dataclass
+class DiskSpace(Event):
+    kind: ClassVar[str] = "disk_space"
+    message: str
+
+
+# -- how a launch ends ----------------------------------------------------------------------------------------------
+@dataclass
+class Complete(Event):
+    kind: ClassVar[str] = "complete"
+    reason: str
+    step: int
+    tokens: int
+
+
+@dataclass
+class Stop(Event):
+    kind: ClassVar[str] = "stop"
+    reason: str
+    step: int
+    tokens: int | None = optional()  # unknown to a stop during set-up
+
+
+@dataclass
+class Halt(Event):
+    kind: ClassVar[str] = "halt"
+    reason: str
+    step: int
+    tokens: int
+
+
+@dataclass
+class Error(Event):
+    kind: ClassVar[str] = "error"
+    message: str
+    step: int
+    transient: bool | None = optional()  # the cap of transient failures in a row was reached
+
+
+@dataclass
+class TransientFailure(Event):
+    kind: ClassVar[str] = "transient_failure"
+    message: str
+    step: int
+    count: int
+
+
+CATALOGUE: dict[str, type[Event]] = {cls.kind: cls for cls in Event.__subclasses__()}
+ENDINGS = (Complete.kind, Stop.kind, Halt.kind, Error.kind)  # the last event of a launch that ended on its own
