@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from bench.stats import check_target, fmt
+from gpt_simple.fileio import strict_json
 
 
 def row(metric: str, ours, baseline, ratio, target: str, unit: str = "", note: str = "", **extra) -> dict:
@@ -51,16 +52,5 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out + (["", "notes:"] + notes if notes else []))
 
 
-def _strict(v):
-    """NaN and infinities become null: the file is strict JSON."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _strict(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_strict(x) for x in v]
-    return v
-
-
 def write_json(path: str | Path, rows: list[dict], **meta) -> None:
-    Path(path).write_text(json.dumps(_strict({"rows": rows, **meta}), indent=1) + "\n")
+    Path(path).write_text(json.dumps(strict_json({"rows": rows, **meta}), indent=1) + "\n")

@@ -25,7 +25,7 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   demo)  ensure_venv; exec "$VENV/bin/python" train.py --config configs/tiny.toml "$@" ;;
-  test)  ensure_venv; exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
+  test)  ensure_venv; exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
   bench) ensure_venv; exec "$VENV/bin/python" bench/run.py "$@" ;;
   setup) ensure_venv ;;
   *) echo "usage: scripts/dev.sh demo|test|bench|setup [args]" >&2; exit 2 ;;

@@ -53,17 +53,17 @@ def check_row(r: dict) -> None:
         assert 0 <= r["ratio"] <= 1.0, f"a utilisation above 1: {r}"
 
 
-def test_every_benchmark_runs_and_prints_well_formed_rows(tmp_path, demo_data):
-    """One `bench/run.py --smoke` of every CPU benchmark (one test, not one per benchmark: under xdist a shared
-    fixture would run the suite once per worker)."""
+@pytest.mark.parametrize("name", CPU_BENCHMARKS)
+def test_every_benchmark_runs_and_prints_well_formed_rows(tmp_path, demo_data, name):
+    """`bench/run.py --smoke --only NAME` for each CPU benchmark: one test each, so that xdist spreads them over
+    its workers (no fixture is shared: each runs its benchmark once)."""
     out = tmp_path / "rows.json"
-    proc = run_bench("bench/run.py", "--smoke", "--only", ",".join(CPU_BENCHMARKS), "--data-dir", str(demo_data),
-                     "--json", str(out))
+    proc = run_bench("bench/run.py", "--smoke", "--only", name, "--data-dir", str(demo_data), "--json", str(out))
     assert proc.returncode == 0, f"bench/run.py --smoke failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
     assert result["mode"] == "smoke" and "FAILED" not in proc.stdout
-    for name in CPU_BENCHMARKS:
-        assert [r for r in result["rows"] if r["benchmark"] == name], f"{name} printed no row"
+    assert [r for r in result["rows"] if r["benchmark"] == name], f"{name} printed no row"
+    assert {r["benchmark"] for r in result["rows"]} == {name}
     for r in result["rows"]:
         check_row(r)
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from helpers.paths import ROOT as REPO
+from helpers.shared import shared_run
 from helpers.templates import (K8S_VERSION, PYTHON, assert_bash_syntax, assert_same_losses, clean_env, container_env,
                                end_events, launches, logged_steps, manifest_objects, status_of, tiny_args, wait_for)
 
@@ -269,17 +270,17 @@ def run_job(tmp_path: Path, out: Path, demo: Path, first_attempt: int, attempts:
     raise AssertionError(f"not COMPLETED after {attempts} attempts: {codes}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, demo_data) -> Path:
-    """The same run on 2 ranks, uninterrupted (one torchrun, no deadline)."""
-    out = tmp_path_factory.mktemp("k8s-multinode") / "reference"
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(REPO / "train.py"),
-           "--config", "configs/tiny.toml", "--training.output_dir", str(out),
-           *tiny_args(demo_data, STEPS, 10), "--training.save_steps", "5"]
-    r = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert status_of(out) == "COMPLETED"
-    return out
+    """The same run on 2 ranks, uninterrupted (one torchrun, no deadline); once per session."""
+    def make(out: Path) -> None:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(REPO / "train.py"), "--config", "configs/tiny.toml", "--training.output_dir", str(out),
+               *tiny_args(demo_data, STEPS, 10), "--training.save_steps", "5"]
+        r = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert status_of(out) == "COMPLETED"
+    return shared_run(tmp_path_factory, "k8s-multinode-reference", make)
 
 
 @pytest.mark.slow

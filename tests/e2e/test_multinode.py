@@ -17,6 +17,7 @@ import pytest
 
 from gpt_simple.checkpoint import list_committed
 from helpers.paths import PYTHON, ROOT
+from helpers.shared import shared_run
 from helpers.train import TINY, TORCHRUN, child_env, events, finish, losses, run_train, status_word
 
 pytestmark = pytest.mark.slow
@@ -32,12 +33,12 @@ ARGS = ("--training.max_steps", "40", "--training.save_steps", "2", "--training.
 SURVIVOR_BOUND_S = 120
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, demo_data) -> Path:
-    """One 2-rank launch on one node from step 0 to the end: what the interrupted runs must reproduce."""
-    out = tmp_path_factory.mktemp("multinode") / "ref"
-    run_train(out, demo_data, *ARGS, nproc=2)
-    return out
+    """One 2-rank launch on one node from step 0 to the end: what the interrupted runs must reproduce (once per
+    session)."""
+    return shared_run(tmp_path_factory, "multinode-uninterrupted",
+                      lambda out: run_train(out, demo_data, *ARGS, nproc=2))
 
 
 def free_port() -> int:

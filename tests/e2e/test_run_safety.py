@@ -10,29 +10,28 @@ import time
 
 import pytest
 
+from helpers.shared import shared_run
 from helpers.train import (ROOT, PYTHON, TINY, child_env, events, finish, losses, run_train, start_train,
                            status_word)
 
 STEPS = ["--training.max_steps", "16", "--training.save_steps", "4", "--training.async_save", "false"]
 
 
-LONG = ["--training.max_steps", "120"]  # the concurrent test's first launch must outlive the second's start-up
+LONG = ["--training.max_steps", "120"]  # with a step floor, the concurrent test's first launch outlives the second
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, demo_data):
     """Uninterrupted losses of 120 steps; the schedule does not depend on max_steps (decay_steps is set), so the
-    16-step runs are compared with its first 16."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    run_train(out, demo_data, *STEPS, *LONG)
-    return losses(out)
+    16-step runs are compared with its first 16. Once per session."""
+    return losses(shared_run(tmp_path_factory, "run-safety-reference",
+                             lambda out: run_train(out, demo_data, *STEPS, *LONG)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference2(tmp_path_factory, demo_data):
-    out = tmp_path_factory.mktemp("ref2") / "run"
-    run_train(out, demo_data, *STEPS, nproc=2)
-    return losses(out)
+    return losses(shared_run(tmp_path_factory, "run-safety-reference2",
+                             lambda out: run_train(out, demo_data, *STEPS, nproc=2)))
 
 
 def wait_for(predicate, proc, timeout=120, what="condition"):
@@ -64,7 +63,8 @@ def files(out):
 @pytest.mark.slow
 def test_second_launch_refused_first_completes(tmp_path, demo_data, reference):
     out = tmp_path / "run"
-    first = start_train(out, demo_data, *STEPS, *LONG)
+    # >= 0.2 s a step: the first launch (120 steps) outlives the second's start-up on any machine
+    first = start_train(out, demo_data, *STEPS, *LONG, env=child_env(GPT_SIMPLE_DRILL="step=0.2"))
     wait_for(lambda: n_steps(out) >= 2, first, what="steps")
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "LEASE"
               and "metrics" not in p.name and "events" not in p.name and "run_state" not in p.name}
@@ -76,6 +76,7 @@ def test_second_launch_refused_first_completes(tmp_path, demo_data, reference):
     assert len(lines) == 1 and f"pid {first.pid} on {socket.gethostname()}" in lines[0], second.stderr
     assert "Traceback" not in second.stderr
     assert decision(out)[1] == "held"
+    assert first.poll() is None  # the first launch was still training when the second was refused
     code, _, stderr = finish(first)
     assert code == 0, stderr[-3000:]
     assert status_word(out) == "COMPLETED"

@@ -233,7 +233,7 @@ def test_local_loop_attempt_cap_error_and_refusal(tmp_path, demo_data):
     assert "attempt cap reached" in r.stdout
     assert status_of(out) == "STOPPED"
     # a real error: the checkpoint's architecture differs from the config -> the trainer records ERROR
-    r = run_loop(out, [*args, "--model.n_layer", "2"], GPT_SIMPLE_MAX_RUNTIME="10")
+    r = run_loop(out, [*args, "--model.n_layer", "3"], GPT_SIMPLE_MAX_RUNTIME="10")
     assert r.returncode == 1, r.stdout[-3000:]
     assert status_of(out) == "ERROR"
     assert "run ERROR" in r.stdout and "architecture" in r.stdout
@@ -354,7 +354,7 @@ def test_k8s_entrypoint_sigterm_error_and_crash(tmp_path, demo_data):
     assert end == {**end, "event": "stop", "reason": "signal SIGTERM"}
 
     # 2. a real ERROR (resuming with another architecture): exit 0 so that OnFailure does not retry it
-    bad = entrypoint_env(tmp_path, out, demo_data, 5000, extra="--model.n_layer 2")
+    bad = entrypoint_env(tmp_path, out, demo_data, 5000, extra="--model.n_layer 3")
     r = subprocess.run(["bash", str(script)], cwd=REPO, env=bad, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:]
     assert status_of(out) == "ERROR"

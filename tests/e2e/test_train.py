@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 
 def test_run_directory(tmp_path, demo_data):
     out = tmp_path / "run"
-    proc = run_train(out, demo_data, "--training.max_steps", "6", "--training.log_steps", "3")
+    proc = run_train(out, demo_data, "--training.max_steps", "6", "--training.log_steps", "3",
+                     "--training.peak_flops", "0")  # 0: MFU against this CPU's measured matmul rate
+    assert "TFLOP/s per device (measured fp32 matmul rate of this CPU)" in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and lines[-1].startswith("step 6/6 | loss ")
     for field in ("| lr ", " tok/s |", "| mfu ", "| elapsed ", "| eta "):
@@ -22,6 +24,7 @@ def test_run_directory(tmp_path, demo_data):
     assert [r["step"] for r in records] == [3, 6]
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "mfu"):
         assert key in records[-1]
+    assert 0 < records[-1]["mfu"] <= 1
     assert records[-1]["tokens"] == 6 * 8 * 64
     assert (out / "config.toml").read_text().count("[model]") == 1
     assert status_word(out) == "COMPLETED"

@@ -12,6 +12,7 @@ import yaml
 
 from helpers.paths import PYTHON
 from helpers.paths import ROOT as REPO
+from helpers.train import TINY_MODEL
 
 # A recent Kubernetes release whose schemas kubernetes-validate ships (it carries 1.25 ... 1.37).
 K8S_VERSION = "1.33.0"
@@ -91,9 +92,12 @@ def logged_steps(outdir: Path) -> int:
 
 
 def tiny_args(demo: Path, max_steps: int, reserve: float) -> list[str]:
+    """configs/tiny.toml shrunk to helpers.train.TINY's model (a step is the orchestration's unit here, not the
+    model's work: the chains' step floor, GPT_SIMPLE_DRILL="step=...", sets how many fit a job)."""
     return ["--data.dir", str(demo), "--training.max_steps", str(max_steps), "--training.log_steps", "1",
             "--training.walltime_reserve_seconds", str(reserve), "--training.tensorboard", "false",
-            "--eval.every_steps", "0", "--eval.at_end", "false"]   # evaluation in chains: tests/e2e/test_eval.py
+            "--eval.every_steps", "0", "--eval.at_end", "false",   # evaluation in chains: tests/e2e/test_eval.py
+            *TINY_MODEL]
 
 
 def start_reference(demo: Path, outdir: Path, max_steps: int) -> subprocess.Popen:

@@ -12,11 +12,13 @@ from helpers.paths import PYTHON, ROOT
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
-# A model small enough that a subprocess run of a few steps takes seconds on one CPU core.
-TINY = ["--config", str(ROOT / "configs" / "tiny.toml"),
-        "--model.n_layer", "2", "--model.n_embd", "64", "--model.n_head", "2",
-        "--data.seq_len", "64", "--model.block_size", "64",
-        "--training.global_batch_size", "8", "--training.micro_batch_size", "4",
+# A model small enough that a subprocess run of a few steps takes seconds on one CPU core; MFU against a fixed
+# peak: no CPU matmul ceiling measured at every launch (tests/e2e/test_train.py's test_run_directory measures it).
+TINY_MODEL = ["--model.n_layer", "2", "--model.n_embd", "64", "--model.n_head", "2",
+              "--data.seq_len", "64", "--model.block_size", "64",
+              "--training.global_batch_size", "8", "--training.micro_batch_size", "4",
+              "--training.peak_flops", "1e12"]
+TINY = ["--config", str(ROOT / "configs" / "tiny.toml"), *TINY_MODEL,
         "--training.log_steps", "1", "--training.save_steps", "0",
         "--optimizer.warmup_steps", "2", "--optimizer.decay_steps", "20",
         "--eval.every_steps", "0", "--eval.at_end", "false"]   # tests/e2e/test_eval.py turns evaluation on
