@@ -57,8 +57,14 @@ def agree(record, device: torch.device, group=None):
     """The same dataclass with every field the maximum over ranks (booleans: any rank), in one all-reduce."""
     fields = dataclasses.fields(record)
     reduced = all_reduce_max([float(getattr(record, f.name)) for f in fields], device, group)
-    return type(record)(**{f.name: (value > 0 if isinstance(getattr(record, f.name), bool) else value)
-                           for f, value in zip(fields, reduced)})
+    return type(record)(**{f.name: _like(getattr(record, f.name), value) for f, value in zip(fields, reduced)})
+
+
+def _like(example, value: float):
+    """An agreed value in the type of this rank's own: a flag, a count, or a figure."""
+    if isinstance(example, bool):
+        return value > 0
+    return int(value) if isinstance(example, int) else value
 
 
 def one_thread_here() -> None:

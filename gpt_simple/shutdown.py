@@ -96,14 +96,15 @@ def request_stop(output_dir: str | Path) -> Path:
 class StopVotes:
     """One rank's view at a step boundary; agreed over ranks (any rank's yes is everyone's) in one all-reduce
     by gpt_simple.runtime.agree, so every rank stops, or commits a finished async save, at the same step."""
-    signal: bool = False
+    signal: int = 0  # the number of the stop signal this rank received (0: none); agreed, the highest
     deadline: bool = False
     stop_file: bool = False
     save_in_flight: bool = False  # this rank's async checkpoint write is still running
 
-    def reason(self, flags: "StopFlags", deadline: Deadline) -> str | None:
+    def reason(self, deadline: Deadline) -> str | None:
+        """The same words on every rank, whichever rank the signal reached first."""
         if self.signal:
-            return f"signal {flags.signal_name}" if flags.signal_name else "signal (another rank)"
+            return f"signal {signal.Signals(int(self.signal)).name}"
         if self.deadline:
             return f"deadline ({deadline.source})"
         if self.stop_file:
@@ -120,10 +121,11 @@ class StopPolicy:
         self.deadline, self.flags = deadline, flags
 
     def votes(self, near_deadline: bool, save_in_flight: bool = False) -> StopVotes:
-        return StopVotes(self.flags.requested, near_deadline, self.stop_file.exists(), save_in_flight)
+        number = getattr(signal, self.flags.signal_name) if self.flags.signal_name else 0
+        return StopVotes(int(number), near_deadline, self.stop_file.exists(), save_in_flight)
 
     def reason(self, agreed: StopVotes) -> str | None:
-        return agreed.reason(self.flags, self.deadline)
+        return agreed.reason(self.deadline)
 
     def clear_stop_file(self) -> None:
         self.stop_file.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from gpt_simple.checkpoint import CheckpointError, CheckpointManager, resume_can
 from gpt_simple.clock import Clock, ThroughputMeter
 from gpt_simple.config import Config, to_toml
 from gpt_simple.data import BucketExhausted, build_stream
+from gpt_simple.drill import ENV
 from gpt_simple.eval import Evaluator, validation_buckets
 from gpt_simple.flops import peak_flops
 from gpt_simple.journal import Journal, events
@@ -86,7 +87,7 @@ class Trainer:
                                          deadline_source=deadline.source, deadline_at=deadline.at,
                                          warnings=deadline.warnings))
         if self.clock.drill.active:  # a test drill: never silent
-            log.warning(f"drill active (GPT_SIMPLE_DRILL): {self.clock.drill.describe()}")
+            log.warning(f"drill active ({ENV}): {self.clock.drill.describe()}")
             self.journal.event(events.Drill(seconds=dict(self.clock.drill.seconds)))
         log.info(f"gpt-simple: world size {d.world_size} ({d.backend}, {d.device}), {describe_mesh(d.mesh_shape)}, "
                  f"{shutdown.describe(deadline)}")

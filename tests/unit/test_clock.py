@@ -126,4 +126,20 @@ def test_the_stop_policy_adds_signals_and_the_stop_file_to_the_clocks_vote(tmp_p
     stop.clear_stop_file()
     assert not (tmp_path / "STOP").exists()
     flags.signal_name = "SIGTERM"
+    assert stop.votes(False).signal == 15
     assert stop.reason(stop.votes(True)) == "signal SIGTERM"  # a signal names itself first
+    # agreed over ranks: a rank whose own flag is not set yet names the signal another rank received
+    other = StopPolicy(tmp_path, Deadline(None, "none", []), StopFlags())
+    assert other.reason(StopVotes(signal=15)) == "signal SIGTERM"
+
+
+def test_only_the_drill_reads_a_test_knob():
+    """Production modules read the environment for production settings only (a deadline, the shared index
+    folder, the process group); the one test knob is GPT_SIMPLE_DRILL, read by gpt_simple/drill.py alone."""
+    import re
+    from pathlib import Path
+    package = Path(__file__).resolve().parents[2] / "gpt_simple"
+    production = {"GPT_SIMPLE_MAX_RUNTIME", "GPT_SIMPLE_INDEX_DIR"}
+    for path in package.rglob("*.py"):
+        names = set(re.findall(r"GPT_SIMPLE_[A-Z_]+", path.read_text())) - production
+        assert names <= ({"GPT_SIMPLE_DRILL"} if path.name == "drill.py" else set()), (path, names)
