@@ -1,9 +1,9 @@
 """The run's status file, output_dir/run_state.json: the orchestrator's only input, and its readers.
 
 Written atomically by rank 0 (tmp + rename), strict JSON, through the journal (gpt_simple/journal), which owns
-every record a run writes. Readers infer CRASHED
-from a RUNNING file whose heartbeat is older than the writer's own `stale_after_s` (sized from its measured
-step and save times) or, on the same host, whose pid is gone.
+every record a run writes. Readers infer CRASHED from a RUNNING file whose heartbeat is older than the writer's
+own `stale_after_s` (the clock sizes it from its measured step and save times) or, on the same host, whose pid
+is gone.
 """
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ class RunState:
             self.lease.refresh()  # LeaseHeld if another job took the run over: stop writing it
         self.state.update(fields, updated_at=now, heartbeat_at=now)
         write_json_atomic(self.path, self.state)
-
 
 
 def previous_durations(previous: dict | None) -> dict:

@@ -135,8 +135,8 @@ class Trainer:
             self.journal.event(events.CheckpointFallback(checkpoint=name, error=error))
 
     def carry_over_durations(self) -> None:
-        """The previous launch's measured durations (rank 0's run_state.json), agreed in one all-reduce so that
-        every rank budgets its stop votes alike; then the journal carries this launch's figures."""
+        """The previous launch's measured durations (the journal reads them on rank 0), agreed in one all-reduce
+        so that every rank budgets its stop votes alike; then the journal carries this launch's figures."""
         previous = self.journal.durations
         kinds = ("save_sync_s", "save_async_s", "eval_s")
         agreed = all_reduce_max([float(previous.get(k) or 0) for k in kinds], self.dist.device)
