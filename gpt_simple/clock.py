@@ -76,7 +76,7 @@ class Clock:
             value = float((previous or {}).get(f"{kind}_s") or 0)
             if value > 0 and not self.last.get(kind):
                 self.last[kind] = value
-        return self._overruled(f"the previous launch measured a save of {self._measured_save():.1f}s", "keeps")
+        return self._overruled(f"the previous launch measured a save of {self.measured_save():.1f}s", "keeps")
 
     # -- saves -------------------------------------------------------------------------------------------------
     def save_started(self, asynchronous: bool, now: float | None = None) -> None:
@@ -100,12 +100,12 @@ class Clock:
                 f"decision {keeps} {budget:.1f}s ({SAVE_MARGIN:g} x the measured save) before the deadline; set "
                 f"the reserve to at least {budget:.0f}")
 
-    def _measured_save(self) -> float:
+    def measured_save(self) -> float:
         """What the shutdown save will cost: the last synchronous save, else the last async one."""
         return self.last.get("save_sync") or self.last.get("save_async") or 0.0
 
     def save_budget(self) -> float:
-        return max(self.reserve, SAVE_MARGIN * self._measured_save())
+        return max(self.reserve, SAVE_MARGIN * self.measured_save())
 
     def reserve_seconds(self, save_in_flight: bool = False, now: float | None = None) -> float:
         """Seconds to keep before the deadline: the save budget plus what a save in flight still needs."""

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from gpt_simple import shutdown
 from gpt_simple.checkpoint import CheckpointError, CheckpointManager, resume_candidates
-from gpt_simple.clock import Clock, ThroughputMeter
+from gpt_simple.clock import CARRIED, Clock, ThroughputMeter
 from gpt_simple.config import Config, to_toml
 from gpt_simple.data import BucketExhausted, build_stream
 from gpt_simple.drill import ENV
@@ -54,9 +54,9 @@ class Trainer:
         t = cfg.training
         self.cfg, self.dist, self.journal, self.clock = cfg, d, journal, clock
         self.announce()
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.model, self.optimizer, self.meter = self.build_model()
         self.schedule = LRSchedule(cfg.optimizer, t.max_steps)
-        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.stream = build_stream(cfg, d.rank, d.world_size)
         closing.callback(self.stream.close)
         self.evaluator = Evaluator(cfg, self.model, d.device, d.rank, d.world_size,
@@ -104,7 +104,7 @@ class Trainer:
         peak, peak_source = peak_flops(d.device, t.peak_flops)
         log.info(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.2f} MFLOPs/token; "
                  f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
-        meter = ThroughputMeter(t.global_batch_size * cfg.data.seq_len, flops, peak, d.world_size)
+        meter = ThroughputMeter(self.tokens_per_step, flops, peak, d.world_size)
         return model, optimizer, meter
 
     def resume(self) -> None:
@@ -138,9 +138,10 @@ class Trainer:
         """The previous launch's measured durations (the journal reads them on rank 0), agreed in one all-reduce
         so that every rank budgets its stop votes alike; then the journal carries this launch's figures."""
         previous = self.journal.durations
-        kinds = ("save_sync_s", "save_async_s", "eval_s")
+        kinds = [f"{kind}_s" for kind in CARRIED]
         agreed = all_reduce_max([float(previous.get(k) or 0) for k in kinds], self.dist.device)
-        self.announce_save_budget(self.clock.carry_over(dict(zip(kinds, agreed))), agreed[0] or agreed[1], True)
+        overruled = self.clock.carry_over(dict(zip(kinds, agreed)))
+        self.announce_save_budget(overruled, self.clock.measured_save(), carried=True)
         self.journal.follow(self.clock)
 
     def announce_save_budget(self, overruled: str | None, measured_s: float, carried: bool | None = None) -> None:

@@ -124,9 +124,9 @@ class Journal:
             sink.close()
 
 
-# What a journal writes: the SilentJournal of the other ranks does none of it.
-WRITES = ("status", "heartbeat", "event", "begin", "audit", "halted", "not_halted", "step", "evaluation",
-          "commit", "close")
+# Every public method of a journal (what it writes): the SilentJournal of the other ranks does none of it. Derived,
+# so that a method added to Journal is silent off rank 0 without a second list to keep.
+WRITES = tuple(name for name, value in vars(Journal).items() if callable(value) and not name.startswith("_"))
 
 
 def _nothing(self, *args, **kwargs) -> None:

@@ -95,12 +95,6 @@ class ConsoleSink:
         log.info(f"eval step {record['step']} | {describe_eval(record)} | {record['tokens']:,} tokens in "
                  f"{seconds:.1f}s")
 
-    def scalar(self, name: str, value: float, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 def metric_sinks(cfg, run_dir: RunDir) -> list:
     sinks = [JsonlSink(run_dir)]
