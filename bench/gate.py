@@ -55,7 +55,9 @@ class StepGate:
         return self.check()
 
 
-def worker(argv: list[str]) -> int:
+def worker(argv: list[str], at_boundary=None) -> int:
+    """`at_boundary(trainer, k)`, if given, runs on every rank at each step boundary (k steps done) before the
+    wait: a benchmark's own probe (bench/hsdp.py counts the collectives of one step)."""
     from gpt_simple.run_dir import RunDir
     p = argparse.ArgumentParser(description="the trainer, held at each step boundary until told to go on")
     p.add_argument("--control", required=True)
@@ -67,6 +69,8 @@ def worker(argv: list[str]) -> int:
         stop_file = RunDir(cfg.training.output_dir).stop
 
         def between(k: int) -> None:
+            if at_boundary is not None:
+                at_boundary(trainer, k)
             if not trainer.dist.is_main:
                 return
             deadline = time.time() + IDLE_TIMEOUT_S
@@ -84,12 +88,14 @@ def worker(argv: list[str]) -> int:
 class GatedRun:
     """A bench/gate.py run (1 process or torchrun), advanced one step at a time by the caller."""
 
-    def __init__(self, out: Path, overrides: list[str], nproc: int, threads: int, name: str):
+    def __init__(self, out: Path, overrides: list[str], nproc: int, threads: int, name: str,
+                 script: Path = Path(__file__).resolve(), args: list[str] = ()):
+        """`script`: a worker that calls gate.worker (with its own `at_boundary`) and takes `args` too."""
         self.control = out.parent / f"{out.name}-control"
         self.control.mkdir(parents=True, exist_ok=True)
         self.run = TrainRun(out, ["--training.max_steps", "1000000", "--training.log_steps", "1",
                                   "--training.save_steps", "0", *overrides], nproc=nproc, threads=threads,
-                            name=name, script=Path(__file__).resolve(), args=["--control", str(self.control)])
+                            name=name, script=script, args=[*args, "--control", str(self.control)])
         self.step = 0
 
     def start(self) -> "GatedRun":

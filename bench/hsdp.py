@@ -9,8 +9,8 @@ step's figure is the run's own tokens_per_s; the ratio is the median over rounds
 On one machine every "link" is loopback, so this says what HSDP's extra all-reduce costs in compute and
 copies, not what it saves on a network.
 
-Bytes communicated per step are measured, not modelled from the parameter count: each rank runs one optimizer
-step with torch.distributed's all_gather_single, reduce_scatter_single and all_reduce (the collectives FSDP2
+Bytes communicated per step are measured, not modelled from the parameter count: in each run the second step
+runs with torch.distributed's all_gather_single, reduce_scatter_single and all_reduce (the collectives FSDP2
 and the trainer call) wrapped to record each call's payload and group. A call's bytes sent by one rank are
 those of the ring algorithm over its group of n ranks: (n-1)/n of the gathered or scattered buffer, 2(n-1)/n
 of an all-reduced one. "Inter-node" counts the calls whose group spans both halves of the ranks, as if ranks
@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cli import Mode, main_for  # noqa: E402
-from bench.gate import GatedRun, StepGate  # noqa: E402
-from bench.launch import BENCH_CONFIG, TrainRun, scratch_dir  # noqa: E402
-from bench.models import load, trainer_in_process  # noqa: E402
+from bench import gate  # noqa: E402
+from bench.gate import GatedRun  # noqa: E402
+from bench.launch import scratch_dir  # noqa: E402
 from bench.stats import median, spread  # noqa: E402
 from bench.table import row  # noqa: E402
 
@@ -85,39 +85,28 @@ class Counter:
 
 
 def count_worker(argv: list[str]) -> int:
-    """Under torchrun: one warm-up step, then one counted step; rank 0 writes the counts to --count."""
+    """bench/gate.py's worker that also counts one step's collectives: step 1 is warm-up (lazy initialisation),
+    step 2 is counted (run() advances every run at least two steps); rank 0 writes the counts to --count."""
     p = argparse.ArgumentParser()
     p.add_argument("--count", required=True)
-    p.add_argument("--config", default=str(BENCH_CONFIG))
     a, rest = p.parse_known_args(argv)
-    cfg = load(Path(a.config), rest)
-    counter = Counter()
-    with trainer_in_process(cfg) as trainer:
-        def between(k: int) -> None:
-            counter.on = k == 1  # step 1 is warm-up (lazy initialisation); step 2 is counted
+    counter, written = Counter(), Path(a.count)
 
-        StepGate(trainer, between, 2)
-        trainer.run_loop()
-        if trainer.dist.is_main:
-            Path(a.count).write_text(json.dumps({**counter.sent, "calls": counter.calls,
-                                                 "mesh": list(trainer.dist.mesh_shape)}))
-    return 0
+    def at_boundary(trainer, k: int) -> None:
+        counter.on = k == 1
+        if k == 2 and trainer.dist.is_main:
+            written.write_text(json.dumps({**counter.sent, "calls": counter.calls,
+                                           "mesh": list(trainer.dist.mesh_shape)}))
 
-
-def count(mode: Mode, degree: int, root: Path) -> dict:
-    out = root / f"count-{degree}"
-    result = root / f"count-{degree}.json"
-    TrainRun(out, ["--training.max_steps", "1000", "--training.save_steps", "0", *overrides(mode, degree)],
-             nproc=RANKS, threads=1, name=f"count {degree}", script=Path(__file__).resolve(),
-             args=["--count", str(result)]).start().finish()
-    return json.loads(result.read_text())
+    return gate.worker(rest, at_boundary)
 
 
 def run(mode: Mode = Mode()) -> list[dict]:
     rounds, warmup = mode.pick(6, 3, 1), mode.pick(2, 2, 1)
+    assert warmup + rounds >= 2, "count_worker counts step 2"
     root = scratch_dir("hsdp")
-    counts = {name: count(mode, degree, root) for name, degree in MESHES.items()}
-    runs = {name: GatedRun(root / f"run-{degree}", overrides(mode, degree), RANKS, 1, f"torchrun x4 {name}")
+    runs = {name: GatedRun(root / f"run-{degree}", overrides(mode, degree), RANKS, 1, f"torchrun x4 {name}",
+                           script=Path(__file__).resolve(), args=["--count", str(root / f"count-{degree}.json")])
             for name, degree in MESHES.items()}
     got: dict[str, list[float]] = {name: [] for name in MESHES}
     try:
@@ -132,6 +121,7 @@ def run(mode: Mode = Mode()) -> list[dict]:
     finally:
         for g in runs.values():
             g.stop()
+    counts = {name: json.loads((root / f"count-{degree}.json").read_text()) for name, degree in MESHES.items()}
     fsdp, hsdp = MESHES
     paired = [h / f for h, f in zip(got[hsdp], got[fsdp])]
     rows = [row(f"{hsdp} vs {fsdp}, 4 gloo ranks on one CPU: step throughput", median(got[hsdp]),

@@ -1,6 +1,6 @@
 """Hybrid sharding (parallel.replicate_degree): a 2-D replicate x shard mesh under torchrun with 4 gloo ranks.
-Checkpoints stay topology-free: a run moves between a 2x2 mesh, plain FSDP over 4, pure replication over 4, 2
-ranks and 1 process and back, with the data stream exact and the losses those of one process; on the same
+Checkpoints stay topology-free: a run moves between a 2x2 mesh, plain FSDP over 4, pure replication over 4 and
+1 process (plain tensors, no FSDP) and back (2 ranks <-> 1 process: tests/e2e/test_checkpoint.py's elastic test), with the data stream exact and the losses those of one process; on the same
 mesh, resuming is bit-identical. A degree that does not divide the world size is a one-line error."""
 import json
 import subprocess
@@ -33,20 +33,20 @@ def records(out, upto: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_hsdp_checkpoints_move_between_meshes(tmp_path, demo_data):
-    """2x2 -> 2x2 -> 1x4 -> 4x1 -> 2 ranks -> 1 process -> 2x2. Each launch trains two or three more steps
+    """2x2 -> 2x2 -> 1x4 -> 4x1 -> 1 process -> 2x2. Each launch trains two more steps
     (max_steps raised: decay_steps is fixed, so the schedule does not move) and resumes from the final
     checkpoint of the one before."""
     ref, same, out = tmp_path / "ref", tmp_path / "same", tmp_path / "run"
-    run_train(ref, demo_data, *ARGS, "--training.max_steps", "15")  # one process: the world size does not matter
+    run_train(ref, demo_data, *ARGS, "--training.max_steps", "13")  # one process: the world size does not matter
     first = run_train(same, demo_data, *ARGS, *degree(2), "--training.max_steps", "5", nproc=4)
     assert "world size 4 (gloo, cpu), mesh 2x2 (replicate x shard; HSDP)" in first.stdout
 
-    chain = [(4, 2, 3), (4, 2, 5), (4, 1, 7), (4, 4, 9), (2, 1, 11), (1, 1, 13), (4, 2, 15)]  # nproc, degree, steps
+    chain = [(4, 2, 3), (4, 2, 5), (4, 1, 7), (4, 4, 9), (1, 1, 11), (4, 2, 13)]  # nproc, degree, steps
     for nproc, r, steps in chain:
         run_train(out, demo_data, *ARGS, *degree(r), "--training.max_steps", str(steps), nproc=nproc)
     assert status_word(out) == "COMPLETED"
     assert [e["mesh"] for e in events(out) if e["event"] == "launch"] == \
-        [[2, 2], [2, 2], [1, 4], [4, 1], [1, 2], [1, 1], [2, 2]]
+        [[2, 2], [2, 2], [1, 4], [4, 1], [1, 1], [2, 2]]
     assert [e["checkpoint"] for e in events(out) if e["event"] == "resume"] == \
         [f"step-{s}-final" for _, _, s in chain[:-1]]
 
@@ -57,9 +57,9 @@ def test_hsdp_checkpoints_move_between_meshes(tmp_path, demo_data):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
     # across meshes: the same data, step by step, and the one-process losses to float-reduction tolerance
-    assert audit(out) == audit(ref) and [a["step"] for a in audit(out)] == list(range(1, 16))
+    assert audit(out) == audit(ref) and [a["step"] for a in audit(out)] == list(range(1, 14))
     a, b = losses(ref), losses(out)
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 16))
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 14))
     for (_, x), (_, y) in zip(a, b):
         assert y == pytest.approx(x, rel=1e-4, abs=1e-5)
     # the global gradient norm (DTensor over each mesh) that clipping (optimizer.grad_clip 1.0) scales by
