@@ -7,7 +7,7 @@ from gpt_simple import shutdown
 
 shutdown.install()  # first thing: signals during imports and set-up request a graceful stop
 
-from gpt_simple.cli import train_main  # noqa: E402
+from gpt_simple.cli import exit_now, train_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(train_main(sys.argv[1:]))
+    exit_now(train_main(sys.argv[1:]))

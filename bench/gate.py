@@ -120,4 +120,5 @@ class GatedRun:
 
 
 if __name__ == "__main__":
-    sys.exit(worker(sys.argv[1:]))
+    from gpt_simple.cli import exit_now
+    exit_now(worker(sys.argv[1:]))  # as train.py ends: no interpreter teardown per rank

@@ -141,5 +141,6 @@ def run(mode: Mode = Mode()) -> list[dict]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--count"]:
-        sys.exit(count_worker(sys.argv[1:]))
+        from gpt_simple.cli import exit_now
+        exit_now(count_worker(sys.argv[1:]))  # as train.py ends: no interpreter teardown per rank
     sys.exit(main_for(run, __doc__.splitlines()[0]))

@@ -4,6 +4,7 @@ and the real Trainer, built exactly as `gpt-simple train` builds it (gpt_simple.
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -42,11 +43,13 @@ def trainer_in_process(cfg, force: bool = False):
     from gpt_simple.trainer import Trainer
     from gpt_simple.clock import Clock
     from gpt_simple.shutdown import resolve_deadline
+    started = time.time()
     with ExitStack() as closing:
         closing.callback(shutdown_distributed)
         d = init_distributed(cfg.training.device)
         validate_world(cfg, d.world_size)
         d.mesh_shape = mesh_shape(cfg.parallel.replicate_degree, d.world_size)
         journal = open_run(RunDir(cfg.training.output_dir), d, cfg.training.resume, force)
-        clock = Clock(resolve_deadline(cfg.training.max_runtime_seconds), cfg.training.walltime_reserve_seconds)
+        clock = Clock(resolve_deadline(cfg.training.max_runtime_seconds), cfg.training.walltime_reserve_seconds,
+                      process_start=started)  # set-up counted from here, not from this process's start
         yield Trainer(cfg, d, journal, closing, clock)

@@ -3,6 +3,10 @@ in one process, step by step in turns.
 
     python bench/throughput.py [--quick | --smoke] [--json PATH]
 
+Two sizes: configs/bench.toml (~14M parameters, steps of about two seconds: the MFU rows) and nanoGPT's CPU
+recipe (4 layers, width 128, context 64, batch 12, one thread: steps of milliseconds, where every per-step cost
+of the trainer shows).
+
 Three participants take turns in this one process, with the same OpenMP threads, so that every round sees the
 same machine (a shared one: its speed moves by up to 10x from one minute to the next):
 
@@ -39,14 +43,26 @@ from bench.plain_loop import PlainLoop  # noqa: E402
 from bench.stats import median, spread  # noqa: E402
 from bench.table import row  # noqa: E402
 
-def measure(mode: Mode) -> dict:
-    rounds, warmup = mode.pick(8, 4, 2), mode.pick(3, 2, 1)
+# nanoGPT's CPU recipe (its README: shakespeare_char on a CPU): 4 layers, width 128, 4 heads, context 64, batch 12
+# in one micro-batch, one thread: 768 tokens a step, where the trainer's own per-step costs weigh most.
+SMALL_STEPS = ["--model.n_layer", "4", "--model.n_embd", "128", "--model.n_head", "4", "--model.block_size", "64",
+               "--data.seq_len", "64", "--training.global_batch_size", "12", "--training.micro_batch_size", "12"]
+
+
+def measure(mode: Mode, overrides: list[str] | None = None, rounds: int | None = None, warmup: int | None = None,
+            threads: int | None = None, with_ceiling: bool = True, name: str = "throughput") -> dict:
+    """Our steps and the plain loop's (and a matmul ceiling sample unless with_ceiling is False), in turns."""
+    import torch
+    rounds = rounds or mode.pick(8, 4, 2)
+    warmup = warmup or mode.pick(3, 2, 1)
     squares = mode.pick(ceiling.SQUARES, ceiling.SQUARES, (128, 256))
-    overrides = mode.overrides()
+    overrides = mode.overrides() if overrides is None else overrides
     tokens, fpt = step_tokens(overrides)
-    out = scratch_dir("throughput") / "run"
+    out = scratch_dir(name) / "run"
     cfg = load(overrides=["--training.output_dir", str(out), "--training.max_steps", str(warmup + rounds + 2),
                           "--training.log_steps", "1", "--training.save_steps", "0", *overrides])
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads or threads_before)
     plain = PlainLoop(cfg)
     plain_s, mm, best_shape = [], [], []
 
@@ -55,25 +71,42 @@ def measure(mode: Mode) -> dict:
             plain.step()
             return
         r = k - warmup
-        for name in (("plain", "matmul") if r % 2 == 0 else ("matmul", "plain")):
-            if name == "plain":
+        for part in (("plain", "matmul") if r % 2 == 0 else ("matmul", "plain")):
+            if part == "plain":
                 plain_s.append(plain.step()["seconds"])
-            else:
+            elif with_ceiling:
                 rate, shape = ceiling.sample(cfg, squares)
                 mm.append(rate)
                 best_shape.append(shape)
 
-    import torch
-    with trainer_in_process(cfg) as trainer:
-        gate = StepGate(trainer, between, warmup + rounds)
-        outcome = trainer.run_loop()
-        if not gate.done:
-            raise RuntimeError(f"the trainer stopped early: {outcome.reason}")
+    try:
+        with trainer_in_process(cfg) as trainer:
+            gate = StepGate(trainer, between, warmup + rounds)
+            outcome = trainer.run_loop()
+            if not gate.done:
+                raise RuntimeError(f"the trainer stopped early: {outcome.reason}")
+        threads_used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads_before)
     ours_s = gate.samples[warmup:]
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) > warmup]
     return {"tokens": tokens, "fpt": fpt, "ours_s": ours_s, "plain_s": plain_s, "matmul": mm,
-            "records": records, "threads": torch.get_num_threads(),
+            "records": records, "threads": threads_used,
             "best_shape": best_shape, "squares": squares}
+
+
+def small_steps_row(mode: Mode) -> dict:
+    """The trainer against the plain loop where a step is small (nanoGPT's CPU recipe, one thread)."""
+    res = measure(mode, [*mode.data(), *SMALL_STEPS], rounds=mode.pick(60, 30, 2), warmup=mode.pick(10, 5, 1),
+                  threads=1, with_ceiling=False, name="throughput-small")
+    ours_s, plain_s, tok = res["ours_s"], res["plain_s"], res["tokens"]
+    paired = [p / o for p, o in zip(plain_s, ours_s)]
+    return row("small steps, 1 process (nanoGPT's CPU recipe: 4 x 128, context 64, batch 12, 1 thread): trainer "
+               "vs plain loop", median([tok / s for s in ours_s]), median([tok / s for s in plain_s]),
+               median(paired), "≥ 0.97", unit="tok/s",
+               note=f"per-round plain step / our step, median of {len(paired)} rounds, spread {spread(paired)}; "
+                    f"our step {spread([s * 1e3 for s in ours_s], 'ms')}, plain step "
+                    f"{spread([s * 1e3 for s in plain_s], 'ms')}")
 
 
 def utilisation(rates: list[float], ceilings: list[float]) -> tuple[list[float], int, int]:
@@ -134,7 +167,7 @@ def rows_from(res: dict) -> list[dict]:
 
 
 def run(mode: Mode = Mode()) -> list[dict]:
-    return rows_from(measure(mode))
+    return [*rows_from(measure(mode)), small_steps_row(mode)]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,3 @@
-import sys
+from gpt_simple.cli import entry
 
-from gpt_simple.cli import main
-
-sys.exit(main())
+entry()

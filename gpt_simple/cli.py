@@ -3,7 +3,10 @@ status.py scripts)."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+from typing import NoReturn
 
 from gpt_simple import shutdown
 
@@ -112,6 +115,28 @@ COMMANDS = {"train": train_main, "status": status_cmd, "stop": stop_cmd, "prepar
             "generate": generate_cmd}
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` without the interpreter's teardown. A command has closed what it opened by
+    the time it returns (the journal's files, the checkpoint manager's threads, the process group); what is
+    left is garbage-collecting torch's modules: 0.7 s after `import torch` alone on the 2-core CPU, a second
+    after a training launch, paid by every launch and every rank. The atexit handlers (logging, W&B) still
+    run, and the console is flushed."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+                pass
+        os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The `gpt-simple` console command."""
+    exit_now(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -121,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

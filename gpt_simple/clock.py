@@ -33,6 +33,8 @@ class Clock:
         self.in_flight_since: float | None = None  # epoch seconds an async save started, while it runs
         self.overruled = False  # the measured save has overruled the configured reserve (warned once a launch)
         self.step_start = 0.0  # perf_counter at the start of the step in progress
+        self.phases: dict[str, float] = {}  # set-up, phase by phase (mark)
+        self._last_mark = process_start
 
     # -- measuring --------------------------------------------------------------------------------------------
     def record(self, kind: str, seconds: float) -> None:
@@ -47,9 +49,19 @@ class Clock:
             self.drill.pause(kind)
         self.record(kind, time.perf_counter() - start)
 
+    def mark(self, phase: str, now: float | None = None) -> None:
+        """Set-up phase `phase` ends now: it took the time since the previous mark (the first: since the
+        process started)."""
+        now = time.time() if now is None else now
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last_mark
+        self._last_mark = now
+
     def setup_done(self, now: float | None = None) -> float:
-        """Process start to the first step (imports, process group, model, data, checkpoint load)."""
-        seconds = (time.time() if now is None else now) - self.process_start
+        """Process start to the first step (imports, process group, model, data, checkpoint load); what no mark
+        claimed is phase "other"."""
+        now = time.time() if now is None else now
+        self.mark("other", now)
+        seconds = now - self.process_start
         self.record("setup", seconds)
         return seconds
 

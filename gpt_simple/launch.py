@@ -95,10 +95,13 @@ def run(cfg: Config, force: bool = False) -> int:
         closing.callback(shutdown_distributed)
         try:
             drill = Drill.from_environ()  # the test seam: a malformed value is refused before anything is built
+            clock = Clock(shutdown.resolve_deadline(t.max_runtime_seconds), t.walltime_reserve_seconds, drill)
+            clock.mark("imports")  # the interpreter, torch and the package, from the process start
             world = os.environ.get("WORLD_SIZE", "1")
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             d = setup_step(f"the process group ({world} ranks, store at {where})", t.setup_timeout_seconds,
                            init_distributed, t.device, t.setup_timeout_seconds)
+            clock.mark("process_group")
             validate_world(cfg, d.world_size)
             require_wandb(cfg)
             d.mesh_shape = mesh_shape(cfg.parallel.replicate_degree, d.world_size)
@@ -106,7 +109,7 @@ def run(cfg: Config, force: bool = False) -> int:
             holder["journal"] = journal
             if journal.lease is not None:
                 closing.callback(journal.lease.release)
-            clock = Clock(shutdown.resolve_deadline(t.max_runtime_seconds), t.walltime_reserve_seconds, drill)
+            clock.mark("run_folder")  # the lease, the journal
             trainer = setup_step("every rank to build the trainer (set-up collectives)", t.setup_timeout_seconds,
                                  Trainer, cfg, d, journal, closing, clock)
             set_collective_timeout(t.collective_timeout_seconds)

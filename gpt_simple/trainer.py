@@ -56,11 +56,13 @@ class Trainer:
         self.announce()
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.model, self.optimizer, self.meter = self.build_model()
+        clock.mark("model")  # built, sharded (set-up collectives), its optimizer
         self.schedule = LRSchedule(cfg.optimizer, t.max_steps)
         self.stream = build_stream(cfg, d.rank, d.world_size)
         closing.callback(self.stream.close)
         self.evaluator = Evaluator(cfg, self.model, d.device, d.rank, d.world_size,
                                    validation_buckets(cfg, list(self.stream.readers)))
+        clock.mark("data")  # the stream (the data index), the held-out split
         self.train = TrainState()
         self.parts = {"run": RunInfo(cfg, d.world_size, self.stream.tokenizer), "train": self.train,
                       "data": self.stream, "eval": self.evaluator, "rng": RNGState(d.device, d.rank, self.train),
@@ -73,6 +75,7 @@ class Trainer:
             journal.event(events.PartialCheckpointRemoved(name=name))
         self.resume()
         self.carry_over_durations()
+        clock.mark("checkpoint")  # partial saves cleaned, the resume (load and verification), carried figures
         self.stop = shutdown.StopPolicy(t.output_dir, clock.deadline)
         journal.begin(cfg, to_toml(cfg), self.train.step)
         closing.callback(journal.close)
@@ -155,7 +158,8 @@ class Trainer:
     def run_loop(self) -> LoopEnd:
         """Train until max_steps, until the ranks agree to stop, or until a bucket runs dry."""
         self.journal.status(status=RUNNING, reason="training", step=self.train.step, tokens=self.train.tokens)
-        self.clock.setup_done()
+        setup_s = self.clock.setup_done()
+        self.journal.event(events.Setup(phases=dict(self.clock.phases), setup_s=setup_s))
         self.meter.reset_window()
         self.maybe_evaluate()  # due at the step resumed from but never recorded: it runs before the next step
         while self.train.step < self.cfg.training.max_steps:

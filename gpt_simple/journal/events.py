@@ -65,6 +65,14 @@ class Resume(Event):
 
 
 @dataclass
+class Setup(Event):
+    """Where this launch's set-up went, phase by phase (the clock's marks), up to its first step."""
+    kind: ClassVar[str] = "setup"
+    phases: dict
+    setup_s: float
+
+
+@dataclass
 class HaltOverridden(Event):
     kind: ClassVar[str] = "halt_overridden"
     step: int

@@ -17,7 +17,7 @@ from helpers.train import (ROOT, PYTHON, TINY, child_env, events, finish, losses
 STEPS = ["--training.max_steps", "16", "--training.save_steps", "4", "--training.async_save", "false"]
 
 
-LONG = ["--training.max_steps", "120"]  # with a step floor, the concurrent test's first launch outlives the second
+LONG = ["--training.max_steps", "120"]  # the reference: every test compares its first steps
 
 
 @pytest.fixture(scope="session")
@@ -63,27 +63,34 @@ def files(out):
 @pytest.mark.slow
 def test_second_launch_refused_first_completes(tmp_path, demo_data, reference):
     out = tmp_path / "run"
-    # >= 0.2 s a step: the first launch (120 steps) outlives the second's start-up on any machine
-    first = start_train(out, demo_data, *STEPS, *LONG, env=child_env(GPT_SIMPLE_DRILL="step=0.2"))
+    # >= 0.2 s a step: 28 steps are left when the first launch is paused, so it is still training then on any
+    # machine; it stays paused (SIGSTOP: alive, holding the lease) while the second launch starts up and is
+    # refused, however long that takes, then goes on
+    first = start_train(out, demo_data, *STEPS, "--training.max_steps", "30",
+                        env=child_env(GPT_SIMPLE_DRILL="step=0.2"))
     wait_for(lambda: n_steps(out) >= 2, first, what="steps")
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "LEASE"
-              and "metrics" not in p.name and "events" not in p.name and "run_state" not in p.name}
-    t0 = time.time()
-    second = run_train(out, demo_data, *STEPS, check=False, timeout=60)
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None and n_steps(out) < 30, "the first launch must still be training"
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "LEASE"
+                  and "metrics" not in p.name and "events" not in p.name and "run_state" not in p.name}
+        t0 = time.time()
+        second = run_train(out, demo_data, *STEPS, check=False, timeout=60)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     assert second.returncode == 75, second.stderr[-2000:]
     assert time.time() - t0 < 30
     lines = [ln for ln in second.stderr.splitlines() if "another job holds this run" in ln]
     assert len(lines) == 1 and f"pid {first.pid} on {socket.gethostname()}" in lines[0], second.stderr
     assert "Traceback" not in second.stderr
     assert decision(out)[1] == "held"
-    assert first.poll() is None  # the first launch was still training when the second was refused
     code, _, stderr = finish(first)
     assert code == 0, stderr[-3000:]
     assert status_word(out) == "COMPLETED"
     assert {e.get("launch") for e in events(out)} == {1}  # nothing from the second launch
     assert json.loads((out / "run_state.json").read_text())["launches"] == 1
     assert not (out / "LEASE").exists()
-    assert losses(out) == reference and len(reference) == 120
+    assert losses(out) == reference[:30] and len(reference) == 120
     for p, mtime in before.items():  # files written before the second launch are untouched by it (or by then gone)
         assert not p.exists() or p.stat().st_mtime_ns == mtime or "checkpoints" in str(p)
 

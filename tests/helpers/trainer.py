@@ -2,6 +2,7 @@
 unit tests that drive its steps, its journal and its clock without a subprocess."""
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -27,5 +28,5 @@ def trainer_here(out: Path, data: Path, *overrides: str, drill=None, deadline=No
         journal = open_run(RunDir(out), d, cfg.training.resume, False)
         closing.callback(journal.lease.release)
         clock = Clock(deadline or Deadline(None, "none", []), cfg.training.walltime_reserve_seconds,
-                      drill or NO_DRILL)
+                      drill or NO_DRILL, process_start=time.time())  # set-up counted from here, not the worker's start
         yield Trainer(cfg, d, journal, closing, clock)

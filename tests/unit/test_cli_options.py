@@ -73,3 +73,16 @@ def test_generate_abbreviations_still_name_one_option():
 @pytest.mark.parametrize("option", ["--output-dir", "--output_dir"])
 def test_status_parses_both_spellings(option):
     assert status_report.build_parser().parse_args([option, "runs/a"]).output_dir == "runs/a"
+
+
+def test_a_command_ends_without_teardown_but_with_its_exit_code_atexit_handlers_and_output():
+    """exit_now (the end of train.py and of the `gpt-simple` entry) skips the interpreter's teardown, not what a
+    process owes on the way out: the code, the atexit handlers (logging, W&B), buffered console output."""
+    import subprocess
+    import sys
+    code = ("import atexit, sys\nfrom gpt_simple.cli import exit_now\n"
+            "atexit.register(lambda: print('handler ran'))\n"
+            "sys.stdout.write('buffered, no newline; ')\nsys.stderr.write('to stderr')\nexit_now(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == "buffered, no newline; handler ran\n" and proc.stderr == "to stderr"

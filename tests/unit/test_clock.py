@@ -143,3 +143,14 @@ def test_only_the_drill_reads_a_test_knob():
     for path in package.rglob("*.py"):
         names = set(re.findall(r"GPT_SIMPLE_[A-Z_]+", path.read_text())) - production
         assert names <= ({"GPT_SIMPLE_DRILL"} if path.name == "drill.py" else set()), (path, names)
+
+
+def test_set_up_phases_add_up_to_the_set_up_time():
+    clock = Clock(Deadline(None, "none", []), 5, process_start=100.0)
+    clock.mark("imports", now=103.0)
+    clock.mark("process_group", now=103.5)
+    clock.mark("model", now=105.0)
+    clock.mark("model", now=105.5)  # a phase marked twice adds up
+    assert clock.setup_done(now=106.0) == 6.0
+    assert clock.phases == {"imports": 3.0, "process_group": 0.5, "model": 2.0, "other": 0.5}
+    assert sum(clock.phases.values()) == clock.last["setup"]
