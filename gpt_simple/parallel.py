@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gpt_simple.config import ConfigError, TrainingConfig
+from gpt_simple.runtime import log
 
 
 @dataclass
@@ -147,6 +148,7 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if training.compile:
+        use_compile_cache(training)
         for block in model.blocks:
             block.compile()
     param_dtype = compute_dtype(training, device)
@@ -163,6 +165,29 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
                     reshard_after_forward=_shards(mesh) and i < len(model.blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def compile_cache_dir(training: TrainingConfig) -> str | None:
+    """The folder torch.compile's caches go to for this run (None: torch's default)."""
+    if training.compile_cache_dir == "auto":
+        return os.path.join(training.output_dir, "compile_cache")
+    return training.compile_cache_dir or None
+
+
+def use_compile_cache(training: TrainingConfig) -> None:
+    """Point inductor (and with it the FX graph, AOT autograd and Triton caches) at the run's cache folder before
+    the first compile: every launch of a chain then finds the graphs the one before compiled, on whatever node it
+    lands. The caches key on the graph, torch version and device, so a stale entry is a miss, never a wrong
+    kernel. A TORCHINDUCTOR_CACHE_DIR the user set wins, and is said."""
+    path = compile_cache_dir(training)
+    if path is None:
+        return
+    theirs = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if theirs and os.path.abspath(theirs) != os.path.abspath(path):
+        log.info(f"compile cache: TORCHINDUCTOR_CACHE_DIR={theirs} (set in the environment) instead of {path}")
+        return
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(path)
 
 
 def _shards(mesh: DeviceMesh | None) -> bool:

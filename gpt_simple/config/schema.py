@@ -76,6 +76,7 @@ class TrainingConfig:
     device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
     dtype: str = doc("auto", "Compute dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'.", choices=("auto", "bf16", "fp32"))
     compile: bool = doc(False, "torch.compile each transformer block.")
+    compile_cache_dir: str = doc("auto", "With compile: where torch's compilation caches live (inductor, FX graph, AOT autograd, Triton), shared by every job of the run so that a resumed launch's compile is a cache hit. 'auto' = OUTPUT_DIR/compile_cache; a path (e.g. fast local disk, if the output dir is slow); '' = torch's default (TORCHINDUCTOR_CACHE_DIR, else the node's /tmp).")
     activation_checkpointing: bool = doc(False, "Recompute each block's activations in the backward pass to save memory.")
     log_steps: int = doc(10, "Log a console line, metrics.jsonl and TensorBoard every N steps.")
     tensorboard: bool = doc(True, "Write TensorBoard scalars to output_dir/tensorboard.")
