@@ -63,10 +63,10 @@ def rows_for(name: str, got: dict) -> list[dict]:
                     f"load alone {got['load_s']:.2f}s")]
     for phase in PHASES:
         if phase in phases:
-            out.append(row(f"  {name}: {phase.replace('_', ' ')}", phases[phase], step, phases[phase] / step,
+            out.append(row(f"{name}: {phase.replace('_', ' ')}", phases[phase], step, phases[phase] / step,
                            "report", unit="s"))
     extra = got["first_step_s"] - step
-    out.append(row(f"  {name}: the first step's extra (lazy initialisation, compile)", extra, step, extra / step,
+    out.append(row(f"{name}: the first step's extra (lazy initialisation, compile)", extra, step, extra / step,
                    "report", unit="s", note=f"first step {got['first_step_s']:.3f}s"))
     return out
 

@@ -17,3 +17,10 @@ def demo_data(tmp_path_factory) -> Path:
         from gpt_simple.data.prepare import ensure_demo
         ensure_demo(str(shared))
     return shared
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first, the unit tests last: xdist deals the tests out in this order, so the long
+    ones start early and the short ones fill the end, instead of a long test picked up last running alone on one
+    worker while the others idle. (Deterministic: every worker must collect the same order.)"""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "/unit/" in item.nodeid))

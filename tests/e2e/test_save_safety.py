@@ -106,7 +106,7 @@ def test_the_shutdown_save_fits_before_the_deadline_when_the_reserve_is_too_smal
     """Every checkpoint write sleeps 2 s (a slow filesystem) and the reserve is 0.2 s: the stop decision keeps the
     measured save time (with its margin) instead, so the shutdown checkpoint is committed before the deadline."""
     out = tmp_path / "run"
-    env = child_env(GPT_SIMPLE_MAX_RUNTIME="30", GPT_SIMPLE_DRILL="save=2")
+    env = child_env(GPT_SIMPLE_MAX_RUNTIME="20", GPT_SIMPLE_DRILL="save=2")  # saves measured from ~1 s after set-up
     proc = start_train(out, demo_data, "--training.max_steps", "100000", "--training.save_steps", "20",
                        "--training.walltime_reserve_seconds", "0.2", "--training.log_steps", "50", env=env)
     code, stdout, stderr = finish(proc, timeout=120)
