@@ -14,6 +14,7 @@ Benchmarks (each also runs alone as `python bench/NAME.py`):
   checkpoint  async save blocking vs a synchronous save, GPT-2 124M + AdamW; step time after a save
   shutdown    SIGTERM -> committed checkpoint and exit; the per-step stop agreement
   resume      launch -> first step, resumed vs fresh + load
+  goodput     a chain of time-limited jobs through the local loop vs one continuous job; the ledger's figure
   startup     a resumed launch's set-up, phase by phase (the clock's marks), in steps' worth; tiny and GPT-2 124M
   eval        an evaluation's tokens/s vs a training step's forward pass on the same batches; its share of the demo run
   gpu         GPT-2 124M and 350M on one GPU (a skipped row without CUDA)
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cli import add_mode_args, exit_cleanly_on_termination, machine, mode_from, start  # noqa: E402
 from bench.table import format_table, row, write_json  # noqa: E402
 
-BENCHMARKS = ("throughput", "fsdp2", "hsdp", "checkpoint", "shutdown", "resume", "startup", "eval", "gpu")
+BENCHMARKS = ("throughput", "fsdp2", "hsdp", "checkpoint", "shutdown", "resume", "startup", "goodput", "eval", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

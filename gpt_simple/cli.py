@@ -22,6 +22,7 @@ commands:
   eval      CHECKPOINT_OR_OUTPUT_DIR [--tokens N] [--json]   validation loss of a committed checkpoint
   export    CHECKPOINT OUT [--hf]                       consolidated safetensors weights + model config
   generate  --output-dir DIR | --checkpoint PATH        sample text from the newest checkpoint
+  report    RUN_DIR [--json] [--html FILE]             where the run's time went, launch by launch: goodput
 """
 
 
@@ -105,6 +106,11 @@ def eval_cmd(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def report_cmd(argv: list[str]) -> int:
+    from gpt_simple.report import report_main
+    return report_main(argv)
+
+
 def generate_cmd(argv: list[str]) -> int:
     from gpt_simple.generate import generate_main
     return generate_main(argv)
@@ -112,7 +118,7 @@ def generate_cmd(argv: list[str]) -> int:
 
 COMMANDS = {"train": train_main, "status": status_cmd, "stop": stop_cmd, "prepare": prepare_cmd,
             "validate": validate_cmd, "verify": verify_cmd, "eval": eval_cmd, "export": export_cmd,
-            "generate": generate_cmd}
+            "generate": generate_cmd, "report": report_cmd}
 
 
 def exit_now(code: int) -> NoReturn:

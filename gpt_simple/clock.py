@@ -35,6 +35,8 @@ class Clock:
         self.step_start = 0.0  # perf_counter at the start of the step in progress
         self.phases: dict[str, float] = {}  # set-up, phase by phase (mark)
         self._last_mark = process_start
+        self.spent = {"step": 0.0, "eval": 0.0, "save": 0.0}  # this launch's sums, for the ledger
+        self.steps_trained = 0
 
     # -- measuring --------------------------------------------------------------------------------------------
     def record(self, kind: str, seconds: float) -> None:
@@ -48,6 +50,8 @@ class Clock:
         if kind in PARTS:
             self.drill.pause(kind)
         self.record(kind, time.perf_counter() - start)
+        if kind in self.spent:
+            self.spent[kind] += self.last[kind]
 
     def mark(self, phase: str, now: float | None = None) -> None:
         """Set-up phase `phase` ends now: it took the time since the previous mark (the first: since the
@@ -71,10 +75,21 @@ class Clock:
     def step_ended(self) -> None:
         self.drill.pause("step")
         self.record("step", time.perf_counter() - self.step_start)
+        self.spent["step"] += self.last["step"]
+        self.steps_trained += 1
 
     @property
     def step_seconds(self) -> float:
         return self.last.get("step", 0.0)
+
+    def ledger(self, now: float | None = None) -> dict:
+        """Where this launch's time went so far: process start to now, in set-up, steps, evaluations, the part
+        of saves that blocked the loop, and the rest."""
+        total = (time.time() if now is None else now) - self.process_start
+        setup = self.last.get("setup", total)  # a launch that never reached its first step: all set-up
+        spent = {"train_s": self.spent["step"], "eval_s": self.spent["eval"], "save_s": self.spent["save"]}
+        return {"total_s": total, "setup_s": setup, **spent, "steps": self.steps_trained,
+                "other_s": max(0.0, total - setup - sum(spent.values()))}
 
     # -- carried across launches (run_state.json "durations") ---------------------------------------------------
     def carried(self) -> dict[str, float]:
@@ -94,10 +109,11 @@ class Clock:
     def save_started(self, asynchronous: bool, now: float | None = None) -> None:
         self.in_flight_since = (time.time() if now is None else now) if asynchronous else None
 
-    def record_save(self, total_seconds: float, asynchronous: bool) -> str | None:
-        """A save committed: remember its time. Returns a warning the first time the measured figure overrules
-        the configured reserve (the caller logs it), else None."""
+    def record_save(self, total_seconds: float, asynchronous: bool, blocking_seconds: float = 0.0) -> str | None:
+        """A save committed: remember its time (and what it blocked the loop, for the ledger). Returns a warning
+        the first time the measured figure overrules the configured reserve (the caller logs it), else None."""
         self.record("save_async" if asynchronous else "save_sync", total_seconds)
+        self.spent["save"] += blocking_seconds
         self.in_flight_since = None
         return self._overruled(f"a save took {total_seconds:.1f}s ({'async' if asynchronous else 'sync'})",
                                "now keeps")

@@ -123,19 +123,27 @@ def append_jsonl(path: Path, obj) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL log, skipping a line torn by a kill."""
-    if not Path(path).exists():
-        return []
-    records = []
-    for line in Path(path).read_text().splitlines():
+    return _records(Path(path).read_text())[0] if Path(path).exists() else []
+
+
+def _records(text: str) -> tuple[list[dict], bool]:
+    """(the records, whether a line was torn: unparsable, or the last one without its newline)."""
+    records, torn = [], bool(text) and not text.endswith("\n")
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:
-            continue
-    return records
+            torn = True
+    return records, torn
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the records with step <= last_step: a resumed run writes the later steps again, identically."""
-    if Path(path).exists():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the records with step <= last_step: a resumed run writes the later steps again, identically. Returns
+    the highest step removed (0: none). The file is rewritten only when a record goes or a line was torn."""
+    if not Path(path).exists():
+        return 0
+    records, torn = _records(Path(path).read_text())
+    dropped = [r.get("step", 0) for r in records if r.get("step", 0) > last_step]
+    if dropped or torn:
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= last_step))
+    return max(dropped, default=0)

@@ -48,6 +48,9 @@ class RunState:
             "durations": previous_durations(previous),
         }
         self.previous_step = int(previous.get("step") or 0) if previous else 0
+        self.previous_durations = dict(previous_durations(previous))  # as the previous launch left them
+        # when the previous launch was last heard of (its last write): the queue gap before this one starts there
+        self.previous_seen_at = float(previous.get("heartbeat_at") or 0) or None if previous else None
         self.lease = None  # gpt_simple.lease.Lease of this launch (rank 0): refreshed with every write
 
     def update(self, **fields) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from gpt_simple.lease import describe as describe_holder
 from gpt_simple.lease import live_holder
-from gpt_simple.run_dir import is_run
+from gpt_simple.run_dir import RunDir, is_run
 from gpt_simple.run_state import (COMPLETED, CRASHED, ERROR, HALTED, RUNNING, STOPPED, StateFileError,
                                   effective_status, read_state)
 
@@ -81,6 +81,15 @@ def summary(state: dict, status: str, why: str | None, now: float) -> str:
         buckets = " ".join(f"{b} {v:.4f}" for b, v in ev.get("loss_by_bucket", {}).items())
         lines.append(f"eval      step {ev['step']}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} ({buckets})")
     return "\n".join(lines)
+
+
+def goodput(output_dir: Path) -> str | None:
+    """The report's one-line goodput (`gpt-simple report` has the whole ledger), or None before any ledger."""
+    from gpt_simple.report import goodput_line
+    try:
+        return goodput_line(output_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # status still answers, and says why not this
+        return f"unavailable ({type(e).__name__}: {e} reading {RunDir(output_dir).events})"
 
 
 def decision(output_dir: Path, now: float | None = None) -> tuple[str, str, str]:
@@ -180,5 +189,6 @@ def _status(argv: list[str]) -> int:
         print(json.dumps({**state, "status": status, "recorded_status": state["status"], "status_reason": why},
                          indent=1))
     else:
-        print(summary(state, status, why, now))
+        line = goodput(Path(out))
+        print(summary(state, status, why, now) + (f"\ngoodput   {line}" if line else ""))
     return EXIT_OK

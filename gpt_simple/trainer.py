@@ -88,7 +88,8 @@ class Trainer:
                             deadline_at=deadline.at, reason="setting up")
         self.journal.event(events.Launch(world_size=d.world_size, mesh=list(d.mesh_shape),
                                          deadline_source=deadline.source, deadline_at=deadline.at,
-                                         warnings=deadline.warnings))
+                                         warnings=deadline.warnings, started_at=self.clock.process_start,
+                                         previous_seen_at=self.journal.previous_seen_at))
         if self.clock.drill.active:  # a test drill: never silent
             log.warning(f"drill active ({ENV}): {self.clock.drill.describe()}")
             self.journal.event(events.Drill(seconds=dict(self.clock.drill.seconds)))
@@ -278,7 +279,7 @@ class Trainer:
     def on_commit(self, record: dict | None) -> None:
         if record is None:
             return
-        overruled = self.clock.record_save(record["total_s"], record["async"])  # the measured save budget
+        overruled = self.clock.record_save(record["total_s"], record["async"], record["blocking_s"])
         self.journal.commit(events.Save.from_record(record))
         self.announce_save_budget(overruled, record["total_s"])
         space = self.ckpt.space_warning()  # the next save will not fit: say so now, with figures

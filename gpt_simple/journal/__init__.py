@@ -15,7 +15,6 @@ from pathlib import Path
 
 from gpt_simple.journal import events
 from gpt_simple.journal.events import Event
-from gpt_simple.journal.sinks import ConsoleSink, metric_sinks
 from gpt_simple.run_dir import RunDir, append_jsonl, truncate_jsonl, write_atomic, write_json_atomic
 from gpt_simple.run_state import RunState
 
@@ -25,7 +24,7 @@ class Journal:
         self.run_dir = RunDir(output_dir)
         self.state = RunState(self.run_dir.path)
         self.sinks: list = []
-        self.console: ConsoleSink | None = None
+        self.console = None  # journal.sinks.ConsoleSink, from begin()
         self.clock = None  # the run's Clock, once built: every status write carries its durations
         self.audit_on = False
 
@@ -33,6 +32,10 @@ class Journal:
     @property
     def previous_step(self) -> int:
         return self.state.previous_step
+
+    @property
+    def previous_seen_at(self) -> float | None:
+        return self.state.previous_seen_at
 
     @property
     def lease(self):
@@ -46,7 +49,7 @@ class Journal:
     def durations(self) -> dict:
         """The durations the previous launch measured (rank 0 only: other ranks learn them from the trainer's
         agreement)."""
-        return dict(self.state.state.get("durations") or {})
+        return dict(self.state.previous_durations)
 
     @property
     def launches(self) -> int:
@@ -82,10 +85,19 @@ class Journal:
         self.audit_on = cfg.data.audit
         if self.audit_on:
             truncate_jsonl(self.run_dir.audit, resume_step)
+        from gpt_simple.journal.sinks import ConsoleSink, metric_sinks  # torch: not for status.py and report
         self.console = ConsoleSink(cfg.training.max_steps)
         self.sinks = metric_sinks(cfg, self.run_dir)
-        for sink in [*self.sinks, self.console]:
-            sink.open(resume_step)
+        logged_past = [sink.open(resume_step) or 0 for sink in [*self.sinks, self.console]]
+        self._replayed(resume_step, max(self.previous_step, *logged_past))
+
+    def _replayed(self, resume_step: int, reached: int) -> None:
+        """An earlier launch trained up to `reached` (its last status, or the last step it logged) and its
+        newest committed checkpoint is `resume_step`: the steps between are trained again (lost work)."""
+        if reached > resume_step:
+            step_s = float(self.durations.get("step_s") or 0)
+            self.event(events.Replay(from_step=resume_step, to_step=reached, steps=reached - resume_step,
+                                     seconds=(reached - resume_step) * step_s))
 
     def audit(self, step: int, spans: list) -> None:
         if self.audit_on:
@@ -119,6 +131,10 @@ class Journal:
         self.status(last_checkpoint=save.checkpoint)
 
     def close(self) -> None:
+        """The end of the launch: its ledger (where its time went, from the clock), the sinks closed."""
+        if self.clock is not None:
+            self.event(events.Ledger(**self.clock.ledger()))
+            self.clock = None
         sinks, self.sinks = self.sinks, []
         for sink in sinks:
             sink.close()

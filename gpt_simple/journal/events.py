@@ -40,6 +40,8 @@ class Launch(Event):
     deadline_source: str
     deadline_at: float | None
     warnings: list
+    started_at: float | None = optional()        # the process start (the clock's)
+    previous_seen_at: float | None = optional()  # the previous launch's last write: the queue gap starts there
 
 
 @dataclass
@@ -62,6 +64,31 @@ class Resume(Event):
     step: int
     config_changes: dict
     load_s: float
+
+
+@dataclass
+class Replay(Event):
+    """Steps an earlier launch trained past its last committed checkpoint (killed, or lost a node): this launch
+    trains them again. `seconds` at the step time that launch measured."""
+    kind: ClassVar[str] = "replay"
+    from_step: int
+    to_step: int
+    steps: int
+    seconds: float
+
+
+@dataclass
+class Ledger(Event):
+    """Where this launch's time went, from its process start to its end (the clock's sums): set-up, training
+    steps, evaluations, the blocking part of saves, and the rest (the stop, logging, waiting on other ranks)."""
+    kind: ClassVar[str] = "ledger"
+    total_s: float
+    setup_s: float
+    train_s: float
+    steps: int
+    eval_s: float
+    save_s: float
+    other_s: float
 
 
 @dataclass

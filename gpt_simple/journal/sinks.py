@@ -13,20 +13,22 @@ from gpt_simple.journal.wandb_sink import WandbSink, eval_scalars, scalars  # im
 
 
 class JsonlSink:
-    """metrics.jsonl: one line per logged step and per evaluation; a resumed launch first drops the lines past
-    its checkpoint (steps the killed job logged and this one trains again, identically)."""
+    """metrics.jsonl: one line per logged step and per evaluation, stamped with the wall-clock time; a resumed
+    launch first drops the lines past its checkpoint (steps the killed job logged and this one trains again,
+    identically)."""
 
     def __init__(self, run_dir: RunDir):
         self.path = run_dir.metrics
 
-    def open(self, resume_step: int) -> None:
-        truncate_jsonl(self.path, resume_step)
+    def open(self, resume_step: int) -> int:
+        """Returns the highest step an earlier launch logged past `resume_step` (0: none)."""
+        return truncate_jsonl(self.path, resume_step)
 
     def train(self, record: dict) -> None:
-        append_jsonl(self.path, record)
+        append_jsonl(self.path, {**record, "time": time.time()})  # wall-clock: the report's loss against time
 
     def eval(self, record: dict) -> None:
-        append_jsonl(self.path, record)
+        append_jsonl(self.path, {**record, "time": time.time()})
 
     def scalar(self, name: str, value: float, step: int) -> None:
         pass  # checkpoint timings are in events.jsonl's save records

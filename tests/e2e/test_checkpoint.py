@@ -24,6 +24,8 @@ from helpers.checkpoint import tiny_trained_manager
 from helpers.train import PYTHON, ROOT, child_env, events, finish, losses, metrics, start_train, status_word
 from helpers.train import run_train as _run_train
 
+GPT_SIMPLE = str(Path(PYTHON).with_name("gpt-simple"))
+
 
 # -- helpers ----------------------------------------------------------------------------------------------------
 FAST = ("--training.peak_flops", "1e12")  # skip measuring the CPU's matmul rate at every launch (MFU only)
@@ -321,6 +323,37 @@ def test_kill_9_during_saves(tmp_path, demo_data):
     shown = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert [step for step, _ in shown] == [step for step, _ in losses(out)] == list(range(1, 9))
     assert [value for _, value in shown] == pytest.approx([loss for _, loss in losses(out)], rel=1e-6)
+    assert_the_report_accounts_for_every_launch(out, tmp_path / "report.html")
+
+
+def assert_the_report_accounts_for_every_launch(out: Path, page: Path) -> None:
+    """`gpt-simple report` on the chain above: four launches, the two killed ones estimated from their last write
+    and charged with the steps the next launch trained again (5-6, then 7-8), the others from their ledgers;
+    the HTML page draws them."""
+    proc = subprocess.run([GPT_SIMPLE, "report", str(out), "--json", "--html", str(page)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    rows, summary = got["launches"], got["summary"]
+    assert [r["launch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["estimated"] for r in rows] == [False, True, True, False]
+    assert [r["lost_steps"] for r in rows] == [0, 2, 2, 0]
+    assert [r["ending"] for r in rows] == ["completed", "killed (no end recorded)", "killed (no end recorded)",
+                                           "completed"]
+    assert [r["steps"] for r in rows] == [4, None, None, 2]
+    for r in rows:
+        assert r["end"] > r["start"] and r["total_s"] == pytest.approx(sum(r[k] for k in (
+            "setup_s", "train_s", "eval_s", "save_s", "other_s")), abs=1e-6)
+        assert 0 <= r["lost_s"] <= r["train_s"]
+    assert all(r["gap_before_s"] >= 0 for r in rows[1:])
+    assert 0 < summary["goodput"] < 1 and 0 < summary["calendar_goodput"] <= summary["goodput"]
+    assert summary["estimated_launches"] == [2, 3]
+    html = page.read_text()
+    assert html.count("<img") == 2 and html.count("killed (no end recorded)") == 2
+    table = html.split("<pre>")[1].split("</pre>")[0].splitlines()
+    assert [line.split()[0] for line in table[3:7]] == ["1", "2*", "3*", "4"]  # after the summary and header
+    status = subprocess.run([PYTHON, str(ROOT / "status.py"), str(out)], capture_output=True, text=True)
+    assert f"goodput   {summary['goodput']:.3f} of 4 launch(es)" in status.stdout
 
 
 # -- end to end: corrupt checkpoints -----------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from helpers.train import child_env, metrics, run_train
 
 pytestmark = pytest.mark.slow
 
-COMPILED = ("--training.compile", "true", "--training.max_steps", "3", "--optimizer.warmup_steps", "1",
-            "--training.tensorboard", "false")
+COMPILED = ("--training.compile", "true", "--model.n_layer", "1", "--training.max_steps", "3",
+            "--optimizer.warmup_steps", "1", "--training.tensorboard", "false")  # one block: one graph to compile
 KEYS = ("step", "loss", "grad_norm", "lr")
 
 

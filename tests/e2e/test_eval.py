@@ -33,7 +33,8 @@ def train_records(out) -> list[dict]:
 
 
 def eval_records(out) -> list[dict]:
-    return [r for r in metrics(out) if r.get("type") == "eval"]
+    """The evaluation records, without their wall-clock stamp (the one field that differs between runs)."""
+    return [{k: v for k, v in r.items() if k != "time"} for r in metrics(out) if r.get("type") == "eval"]
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 # No evaluation: it is not what is tested.
 ARGS = ("--training.max_steps", "40", "--training.save_steps", "2", "--training.keep_last_k", "0",
         "--training.async_save", "false", "--training.peak_flops", "1e12",
-        "--eval.every_steps", "0", "--eval.at_end", "false", "--training.collective_timeout_seconds", "20")
+        "--eval.every_steps", "0", "--eval.at_end", "false", "--training.collective_timeout_seconds", "10")
 # A survivor of a lost peer must be gone by then. A gloo send to a peer that died can wait for the collective
 # timeout although the socket closed (seen: rank 0 blocked in an all-gather's waitSend), and a hung peer is
 # only ever noticed by that timeout: the bound is the timeout plus the exit.
