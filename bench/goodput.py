@@ -52,9 +52,11 @@ def chain(out: Path, args: list[str], job_s: int, threads: int, drill: str | Non
 
 
 def run(mode: Mode = Mode()) -> list[dict]:
-    steps, job_s = mode.pick(600, 300, 60), mode.pick(30, 30, 8)
-    drill = "step=0.1" if mode.smoke else None  # the smoke model's steps take milliseconds: make it a chain
-    args = [*QUIET, "--training.max_steps", str(steps), *(SMOKE_MODEL if mode.smoke else []), *mode.data()]
+    steps, job_s = mode.pick(600, 300, 30), mode.pick(30, 30, 10)
+    drill = "step=0.2" if mode.smoke else None  # the smoke model's steps take milliseconds: make it a chain
+    # the reserve: the tiny config keeps 10 s, which would stop a 10-second job before its first step
+    args = [*QUIET, "--training.max_steps", str(steps), "--training.walltime_reserve_seconds", "2",
+            *(SMOKE_MODEL if mode.smoke else []), *mode.data()]
     root = scratch_dir("goodput")
     threads = mode.threads()
 

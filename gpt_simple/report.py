@@ -132,14 +132,18 @@ def format_text(run_dir: Path, rows: list[dict], s: dict) -> str:
     return "\n".join(lines)
 
 
-def report_main(argv: list[str]) -> int:
+def build_parser():
     from gpt_simple.cli import AliasArgumentParser
     p = AliasArgumentParser(prog="gpt-simple report", description="Where a run's time went, and its goodput.")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="the ledger as JSON")
     p.add_argument("--html", metavar="FILE", help="also draw it: losses against step and wall-clock time with "
                                                    "each launch marked, throughput, where the time went")
-    a = p.parse_args(argv)
+    return p
+
+
+def report_main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
     run_dir = Path(a.run_dir)
     if not is_run(run_dir) or not RunDir(run_dir).events.exists():
         print(f"error: {run_dir}: not a gpt-simple run folder (no events.jsonl)", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 import gpt_simple.data.prepare.cli as prepare_cli
-from gpt_simple import cli, eval_cli, export, generate, status_report
+from gpt_simple import cli, eval_cli, export, generate, report, status_report
 
 
 class _Captured(Exception):
@@ -36,6 +36,7 @@ PARSERS = {
     "eval": lambda mp: eval_cli.build_parser(),
     "export": lambda mp: export.build_parser(),
     "generate": lambda mp: generate.build_parser(),
+    "report": lambda mp: report.build_parser(),
 }
 
 
