@@ -161,7 +161,7 @@ def stop_during_setup(signal_name: str, holder: dict, run_dir: RunDir | None = N
         # set-up trained nothing: the run is where the previous launch left it
         reason, step = f"signal {signal_name} during set-up", journal.previous_step
         journal.status(status=STOPPED, reason=reason, step=step)
-        journal.event(events.Stop(reason=reason, step=step))
+        journal.end(events.Stop(reason=reason, step=step))
     except Exception as e:  # noqa: BLE001 - the process is exiting either way
         log.error(f"could not record the stop in {run_dir.state if run_dir else 'run_state.json'} ({e})")
     if journal.lease is not None:
@@ -197,7 +197,7 @@ def record_failure(error: BaseException, code: int, show_traceback: bool, run_di
                     _record_transient(journal, message, step)
                 else:
                     journal.status(status=ERROR, reason=message, error=message, step=step)
-                    journal.event(events.Error(message=message, step=step))
+                    journal.end(events.Error(message=message, step=step))
             except LeaseHeld as e:
                 log.error(f"not recording the failure: {e}")
             except OSError as e:
@@ -217,13 +217,13 @@ def _record_transient(journal: Journal, message: str, step: int) -> None:
                   f"the last: {message}")
         journal.status(status=ERROR, reason=reason, error=message, step=step, transient_failures=count,
                        transient_step=step)
-        journal.event(events.Error(message=reason, step=step, transient=True))
+        journal.end(events.Error(message=reason, step=step, transient=True))
         log.error(reason)
         return
     reason = f"transient: {message} ({count} of {TRANSIENT_CAP} in a row without progress)"
     journal.status(status=STOPPED, reason=reason, error=message, step=step, transient_failures=count,
                    transient_step=step)
-    journal.event(events.TransientFailure(message=message, step=step, count=count))
+    journal.end(events.TransientFailure(message=message, step=step, count=count))
 
 
 def open_run(run_dir: RunDir, d: Dist, resume: str, force: bool, timeout_s: float = 300.0) -> Journal:

@@ -307,7 +307,7 @@ class Trainer:
             self.journal.not_halted()
         step, tokens = self.train.step, self.train.tokens
         self.journal.status(status=end.end.value, reason=end.reason, step=step, tokens=tokens)
-        self.journal.event(event(reason=end.reason, step=step, tokens=tokens))
+        self.journal.end(event(reason=end.reason, step=step, tokens=tokens))
         log.info(f"{end.end.value}: {end.reason}" + ("" if "step" in end.reason else f" at step {step}"))
 
     def halt(self, e: BucketExhausted) -> LoopEnd:

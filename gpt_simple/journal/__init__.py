@@ -130,11 +130,14 @@ class Journal:
                 sink.scalar(f"checkpoint/{name}", getattr(save, name), save.step)
         self.status(last_checkpoint=save.checkpoint)
 
-    def close(self) -> None:
-        """The end of the launch: its ledger (where its time went, from the clock), the sinks closed."""
+    def end(self, ending: Event) -> None:
+        """How the launch ended (complete, stop, halt, error, transient failure), the last event of its launch,
+        after its ledger: where its time went, from the clock (none before the clock was followed)."""
         if self.clock is not None:
             self.event(events.Ledger(**self.clock.ledger()))
-            self.clock = None
+        self.event(ending)
+
+    def close(self) -> None:
         sinks, self.sinks = self.sinks, []
         for sink in sinks:
             sink.close()

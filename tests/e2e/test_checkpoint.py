@@ -523,6 +523,6 @@ def test_halt_right_after_a_periodic_save_does_not_save_again(tmp_path):
     out = tmp_path / "run"
     run_train(out, data, *args, "--training.save_steps", str(halt))
     assert status_word(out) == "HALTED" and committed(out) == [f"step-{halt}"]
-    assert [e["event"] for e in events(out)][-2:] == ["save", "halt"]
+    assert [e["event"] for e in events(out) if e["event"] != "ledger"][-2:] == ["save", "halt"]  # ledger: issue 19
     assert len([e for e in events(out) if e["event"] == "save"]) == 1
 

@@ -52,7 +52,7 @@ def test_signal_to_torchrun_ends_in_committed_shutdown_checkpoint(tmp_path, demo
     assert ckpts == [f"step-{state['step']}-shutdown"]
     assert sorted(p.name for p in (out / "checkpoints" / ckpts[0] / "rng").iterdir()) == \
         ["rank-0.json", "rank-1.json"]
-    assert [e["event"] for e in events(out)][-2:] == ["save", "stop"]
+    assert [e["event"] for e in events(out) if e["event"] != "ledger"][-2:] == ["save", "stop"]  # ledger: issue 19
 
 
 @pytest.mark.slow

@@ -84,7 +84,8 @@ def test_the_other_ranks_journal_writes_nothing(tmp_path):
              "event": dict(record=events.HaltOverridden(step=1)), "begin": dict(cfg=cfg, config_toml="x", resume_step=0),
              "audit": dict(step=1, spans=[]), "halted": dict(detail={}), "not_halted": {},
              "step": dict(record=step_record(1)), "evaluation": dict(record={}, seconds=1.0),
-             "commit": dict(save=None), "close": {}, "follow": dict(clock=None)}
+             "commit": dict(save=None), "end": dict(ending=events.Stop(reason="signal SIGTERM", step=1)),
+             "close": {}, "follow": dict(clock=None)}
     assert set(calls) == set(WRITES)
     for name, kwargs in calls.items():
         getattr(silent, name)(**kwargs)

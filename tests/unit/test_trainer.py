@@ -23,12 +23,12 @@ def test_a_short_run_records_each_step_once_and_completes(tmp_path, demo_data):
     assert state["status"] == "COMPLETED" and state["step"] == 3 and state["last_checkpoint"] == "step-3-final"
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     kinds = [e["event"] for e in read_jsonl(out / "events.jsonl")]
-    assert kinds == ["launch", "setup", "save", "save", "complete", "ledger"]
+    assert kinds == ["launch", "setup", "save", "save", "ledger", "complete"]
     assert set(state["durations"]) >= {"setup_s", "step_s", "save_sync_s"}  # the clock's, carried
     (setup,) = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "setup"]
     assert list(setup["phases"]) == ["model", "data", "checkpoint", "other"]  # in process: no imports, no group
     assert sum(setup["phases"].values()) == pytest.approx(setup["setup_s"]) and setup["setup_s"] > 0
-    (ledger,) = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "ledger"]  # written as it closed
+    (ledger,) = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "ledger"]  # written as it ended
     assert ledger["steps"] == 3 and ledger["setup_s"] == pytest.approx(setup["setup_s"])
     parts = ("setup_s", "train_s", "eval_s", "save_s", "other_s")
     assert sum(ledger[k] for k in parts) == pytest.approx(ledger["total_s"]) and ledger["train_s"] > 0
