@@ -4,7 +4,7 @@
 
 Both run in this one process, one after the other, on configs/bench.toml with the same batches and threads:
 
-  ours    Trainer.train_step (the plain module at world size 1; the Trainer built as train.py builds it)
+  ours    Trainer.train_step (FSDP2 at world size 1; the Trainer built as train.py builds it)
   plain   bench/plain_loop.train_step (the same GPT, no FSDP, foreach AdamW)
 
 Prints each one's wall time per step, its total self CPU time, and the ops with the largest self CPU time in

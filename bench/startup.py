@@ -51,7 +51,10 @@ def resumed_launch(name: str, config: Path, overrides: list[str], mode: Mode) ->
     resumes = [e for e in run.events() if e.get("event") == "resume"]
     if len(setups) != 2 or not resumes:
         raise RuntimeError(f"expected two launches, the second resumed: {setups} {resumes}")
-    steps = {r["step"]: r["tokens"] / r["tokens_per_s"] for r in run.metrics()}
+    records = sorted(run.metrics(), key=lambda r: r["step"])
+    # each record's window is its one step (log_steps 1); "tokens" is the run's running count
+    steps = {r["step"]: (r["tokens"] - (prev["tokens"] if prev else 0)) / r["tokens_per_s"]
+             for prev, r in zip([None, *records], records)}
     return {"setup": setups[-1], "first_step_s": steps[2], "step_s": median([steps[3], steps[4]]),
             "load_s": resumes[-1]["load_s"], "fresh_first_step_s": steps[1]}
 

@@ -1,14 +1,9 @@
 """Process group, device mesh, and the parallelize function: FSDP2 per block + root (plain, or hybrid on a 2-D
 replicate x shard mesh), mixed precision, AC, compile, and the reshard policy of a step's micro-batches. The
-only module that knows FSDP.
-
-One process trains the module as it is: plain tensors, no DTensor dispatch on every parameter and every AdamW
-update (FSDP over one rank shards nothing). Its checkpoints are the same DCP format (global tensors by name), so
-a run moves between one process and any mesh in both directions."""
+only module that knows FSDP."""
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 from dataclasses import dataclass
 
@@ -109,8 +104,6 @@ def mesh_shape(degree: int | str, world_size: int, local_world_size: int | None 
 
 
 def describe_mesh(shape: tuple[int, int]) -> str:
-    if shape == (1, 1):
-        return "mesh 1x1 (one process: no sharding)"
     kind = "plain FSDP" if shape[0] == 1 else "HSDP" if shape[1] > 1 else "replicated"
     return f"mesh {shape[0]}x{shape[1]} (replicate x shard; {kind})"
 
@@ -137,8 +130,7 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
                 mesh: DeviceMesh | None = None) -> nn.Module:
     """Shard each block, then the root (embeddings, final norm, head), in place; returns the same module. With a
     2-D mesh (build_mesh) FSDP2 shards over its inner dimension and replicates over the outer one (HSDP): the
-    gradients are reduce-scattered inside a shard group, then all-reduced across the replicas. On one process
-    the module stays plain (see the module's docstring).
+    gradients are reduce-scattered inside a shard group, then all-reduced across the replicas.
 
     The model arrives fully initialised and identical on every rank, so sharding keeps each rank's slice of
     the same weights and initialisation does not depend on the world size.
@@ -152,17 +144,15 @@ def parallelize(model: nn.Module, training: TrainingConfig, device: torch.device
         for block in model.blocks:
             block.compile()
     param_dtype = compute_dtype(training, device)
-    model.to(device)
-    world = mesh.size() if mesh is not None else dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        if param_dtype != torch.float32:
-            autocast_forward(model, device, param_dtype)
-        return model
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    # The last block's parameters are needed again at once by the root's backward: keep them gathered.
+    model.to(device)
+    # On one rank resharding frees nothing (the shard is the whole tensor) and each re-gather is a copy of
+    # every weight: keep the blocks gathered through the step (prepare_micro_batch reshards after the last one).
+    sharded = dist.is_initialized() and (mesh.size(1) if mesh is not None else dist.get_world_size()) > 1
     for i, block in enumerate(model.blocks):
+        # The last block's parameters are needed again at once by the root's backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=_shards(mesh) and i < len(model.blocks) - 1)
+                    reshard_after_forward=sharded and i < len(model.blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
@@ -190,30 +180,13 @@ def use_compile_cache(training: TrainingConfig) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(path)
 
 
-def _shards(mesh: DeviceMesh | None) -> bool:
-    """Whether a rank holds a slice of each weight: on a 4x1 mesh (replicas of whole weights) resharding frees
-    nothing and each re-gather is a copy of every weight."""
-    return (mesh.size(1) if mesh is not None else dist.get_world_size()) > 1
-
-
-def autocast_forward(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """One process's mixed precision: the forward (loss included) under autocast, the weights, gradients and
-    optimizer state in fp32, as FSDP's policy keeps them (param_dtype for compute, fp32 for the rest). Set on
-    the instance, so the state dict's names do not change."""
-    forward = model.forward
-
-    @functools.wraps(forward)
-    def forward_autocast(*args, **kwargs):
-        with torch.autocast(device.type, dtype=dtype):
-            return forward(*args, **kwargs)
-
-    model.forward = forward_autocast
-
-
 def prepare_micro_batch(model: nn.Module, index: int, count: int) -> None:
-    """Before forward/backward of micro-batch `index` of `count`: gradients are reduced once, after the last."""
-    if isinstance(model, FSDPModule):  # one process: gradients accumulate in place, nothing to reduce
-        model.set_requires_gradient_sync(index == count - 1)
+    """Before forward/backward of micro-batch `index` of `count`: gradients are reduced once, after the last
+    one; on one rank the blocks also stay gathered until then (see parallelize)."""
+    last = index == count - 1
+    model.set_requires_gradient_sync(last)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        model.set_reshard_after_backward(last)
 
 
 def reshard_all(model: nn.Module) -> None:

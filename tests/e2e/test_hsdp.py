@@ -1,6 +1,6 @@
 """Hybrid sharding (parallel.replicate_degree): a 2-D replicate x shard mesh under torchrun with 4 gloo ranks.
 Checkpoints stay topology-free: a run moves between a 2x2 mesh, plain FSDP over 4, pure replication over 4 and
-1 process (plain tensors, no FSDP) and back (2 ranks <-> 1 process: tests/e2e/test_checkpoint.py's elastic test), with the data stream exact and the losses those of one process; on the same
+1 process and back (2 ranks <-> 1 process: tests/e2e/test_checkpoint.py's elastic test), with the data stream exact and the losses those of one process; on the same
 mesh, resuming is bit-identical. A degree that does not divide the world size is a one-line error."""
 import json
 import subprocess

@@ -73,26 +73,3 @@ def test_a_drilled_launch_says_so_and_slows_its_steps(tmp_path, demo_data):
     (drill,) = [e for e in read_jsonl(out / "events.jsonl") if e["event"] == "drill"]
     assert drill["seconds"] == {"step": 0.3}
 
-
-def test_one_process_trains_the_module_plain_and_bf16_autocasts_only_the_forward(tmp_path, demo_data):
-    """World size 1: no FSDP wrapping (plain tensors, no DTensor dispatch per parameter and per update); with
-    training.dtype bf16 the forward runs under autocast while weights, gradients and optimizer state stay fp32,
-    as FSDP's mixed-precision policy keeps them on a mesh."""
-    import torch
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-    for dtype in ("fp32", "bf16"):
-        with trainer_here(tmp_path / dtype, demo_data, "--training.max_steps", "3", "--training.dtype",
-                          dtype) as trainer:
-            model = trainer.model
-            assert not any(isinstance(m, FSDPModule) for m in model.modules())
-            assert not any(isinstance(p, DTensor) for p in model.parameters())
-            batch = trainer.stream.next_batch()
-            logits, loss = model(batch.inputs[0], batch.targets[0])
-            assert logits.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
-            assert loss.dtype == torch.float32 and torch.isfinite(loss)
-            loss.backward()
-            trainer.optimizer.step()
-            assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
-            assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
-            assert list(model.state_dict()) == list(type(model)(trainer.cfg.model).state_dict())  # names kept
