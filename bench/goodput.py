@@ -60,15 +60,11 @@ def run(mode: Mode = Mode()) -> list[dict]:
     root = scratch_dir("goodput")
     threads = mode.threads()
 
-    continuous = TrainRun(root / "continuous", args, config=TINY, threads=threads, name="train.py (continuous)")
-    if drill:  # the continuous job gets the same drill (bench_env copies this process's environment)
-        os.environ["GPT_SIMPLE_DRILL"] = drill
-    try:
-        start = time.time()
-        continuous.start().finish()
-        continuous_s = time.time() - start
-    finally:
-        os.environ.pop("GPT_SIMPLE_DRILL", None)
+    continuous = TrainRun(root / "continuous", args, config=TINY, threads=threads, name="train.py (continuous)",
+                          env={"GPT_SIMPLE_DRILL": drill} if drill else None)
+    start = time.time()
+    continuous.start().finish()
+    continuous_s = time.time() - start
     chain_s = chain(root / "chain", args, job_s, threads, drill)
     if losses(root / "chain") != losses(root / "continuous"):
         raise RuntimeError("the chain's losses differ from the continuous job's")

@@ -83,13 +83,15 @@ class TrainRun:
     """
 
     def __init__(self, out: Path, overrides: list[str] = (), nproc: int = 1, config: Path = BENCH_CONFIG,
-                 threads: int | None = None, name: str = "run", script: Path = TRAIN, args: list[str] = ()):
+                 threads: int | None = None, name: str = "run", script: Path = TRAIN, args: list[str] = (),
+                 env: dict | None = None):
         self.out, self.nproc, self.name = Path(out), nproc, name
         self.log_path = self.out.parent / f"{self.out.name}.log"
         base = [PY, str(script), *args] if nproc == 1 else \
             [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
         self.cmd = base + ["--config", str(config), "--training.output_dir", str(self.out), *overrides]
         self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // nproc)
+        self.extra_env = dict(env or {})  # on top of bench_env (e.g. a drill)
         self.proc: subprocess.Popen | None = None
         self.launched_at = None
         self._log = None
@@ -98,7 +100,8 @@ class TrainRun:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.launched_at = time.time()
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=bench_env(self.threads), stdout=self._log,
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env={**bench_env(self.threads), **self.extra_env},
+                                     stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         return self
 

@@ -26,6 +26,8 @@ from bench.launch import ROOT, TrainRun, scratch_dir  # noqa: E402
 from bench.stats import median  # noqa: E402
 from bench.table import row  # noqa: E402
 
+from gpt_simple.journal import events  # noqa: E402
+
 DEMO = ["--data.dir", "data/demo", "--data.demo", "true"]
 QUIET = ["--training.save_steps", "0", "--training.log_steps", "1", "--eval.every_steps", "0",
          "--eval.at_end", "false", "--training.tensorboard", "false", "--optimizer.warmup_steps", "0"]
@@ -47,8 +49,8 @@ def resumed_launch(name: str, config: Path, overrides: list[str], mode: Mode) ->
                        threads=mode.threads(), name=f"train.py ({name}, to step {steps})").start().finish()
         if (run.state() or {}).get("status") != "COMPLETED":
             raise RuntimeError(f"the {name} run did not complete:\n{run.log_tail()}")
-    setups = [e for e in run.events() if e.get("event") == "setup"]
-    resumes = [e for e in run.events() if e.get("event") == "resume"]
+    setups = [e for e in run.events() if e.get("event") == events.Setup.kind]
+    resumes = [e for e in run.events() if e.get("event") == events.Resume.kind]
     if len(setups) != 2 or not resumes:
         raise RuntimeError(f"expected two launches, the second resumed: {setups} {resumes}")
     records = sorted(run.metrics(), key=lambda r: r["step"])

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from gpt_simple.journal.events import ENDINGS, Launch, Ledger, Replay, Setup, TransientFailure
+from gpt_simple.journal.events import (ENDINGS, Complete, Error, Halt, Launch, Ledger, Replay, Setup, Stop,
+                                      TransientFailure)
 from gpt_simple.run_dir import RunDir, is_run, read_jsonl
 
 PARTS = ("setup_s", "train_s", "eval_s", "save_s", "other_s")
@@ -39,8 +40,8 @@ def _ending(launch_events: list[dict]) -> str:
         return "killed (no end recorded)"
     e = ends[-1]
     reason = e.get("reason") or e.get("message") or ""
-    word = {"complete": "completed", "stop": "stopped", "halt": "halted", "error": "error",
-            "transient_failure": "transient failure"}[e["event"]]
+    word = {Complete.kind: "completed", Stop.kind: "stopped", Halt.kind: "halted", Error.kind: "error",
+            TransientFailure.kind: "transient failure"}[e["event"]]
     return f"{word}: {reason}" if reason and word != "completed" else word
 
 
