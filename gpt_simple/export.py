@@ -1,8 +1,8 @@
-"""`gpt-simple export`: consolidated safetensors + config, and a Hugging Face GPT-2 layout.
+"""`gpt-simple export`: consolidated safetensors + config, and a Hugging Face layout (GPT-2 or Llama).
 
 It reads a DCP checkpoint in one process without torch.distributed and without unpickling anything but DCP's
 allow-listed metadata (see gpt_simple.checkpoint.load_model_state); `gpt-simple generate` (generate.py) reads
-checkpoints the same way.
+checkpoints the same way. The weights are held once: each converted tensor is written and dropped in turn.
 
     gpt-simple export outputs/tiny/checkpoints/step-300-final exported/
     gpt-simple export outputs/tiny exported/            # a run directory: its newest committed checkpoint
@@ -10,9 +10,12 @@ checkpoints the same way.
 OUT/ receives:
     gpt_simple.safetensors   every weight under its gpt-simple name (a tied head is stored once, as tok_emb)
     gpt_simple.json          {"model": ModelConfig fields, "step", "arch_hash", "tokenizer", "source", ...}
-    config.json + model.safetensors   the Hugging Face GPT2LMHeadModel layout, when the architecture is GPT-2's
-                             (learned positions, LayerNorm, GELU-tanh MLP, no GQA); `--hf` makes it required,
-                             `--no-hf` skips it. Load with transformers.GPT2LMHeadModel.from_pretrained(OUT).
+    config.json + model.safetensors   the Hugging Face layout (gpt_simple/hf.py): GPT2LMHeadModel for learned
+                             positions + LayerNorm + GELU-tanh MLP, LlamaForCausalLM for RoPE + RMSNorm + SwiGLU
+                             (GQA, bias terms as attention_bias / mlp_bias); other mixes have none. `--hf` makes it
+                             required (else one line naming the setting, exit 2), `--no-hf` skips it.
+    tokenizer.json (+ tokenizer_config.json ...) or README.md   the run's Hugging Face tokenizer, or what the ids
+                             mean (byte-level, tiktoken)
 """
 from __future__ import annotations
 
@@ -26,13 +29,17 @@ import torch
 
 from gpt_simple.checkpoint import (COMMITTED, META, CheckpointError, list_committed, load_model_state, meta_tokenizer,
                                    model_config_from_meta, read_meta, verify_checkpoint)
+from gpt_simple import hf as hf_layout
 from gpt_simple.config import ModelConfig
+from gpt_simple.hf_io import write_safetensors
+from gpt_simple.hf_tokenizer import WRITTEN, write_tokenizer
 from gpt_simple.run_dir import RunDir
 
 OURS_WEIGHTS, OURS_CONFIG = "gpt_simple.safetensors", "gpt_simple.json"
 HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
 # FQN pieces that wrappers (activation checkpointing, torch.compile) may leave in parameter names.
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportError(ValueError):
@@ -106,121 +113,63 @@ def tokenizer_spec(meta: dict, override: str | None = None) -> str:
                       f"pass --tokenizer SPEC (e.g. 'byte' or 'tiktoken:gpt2')")
 
 
-# -- the Hugging Face GPT-2 layout ------------------------------------------------------------------------
-def hf_incompatibility(cfg: ModelConfig) -> list[str]:
-    """Why GPT2LMHeadModel cannot hold this architecture (empty when it can)."""
-    why = []
-    if cfg.pos_embedding != "learned":
-        why.append(f"model.pos_embedding = {cfg.pos_embedding!r} (GPT-2 has learned positions)")
-    if cfg.norm != "layernorm":
-        why.append(f"model.norm = {cfg.norm!r} (GPT-2 uses LayerNorm)")
-    if cfg.mlp != "gelu":
-        why.append(f"model.mlp = {cfg.mlp!r} (GPT-2 uses a GELU MLP)")
-    if cfg.n_kv_head not in (0, cfg.n_head):
-        why.append(f"model.n_kv_head = {cfg.n_kv_head} (GPT-2 has no grouped-query attention)")
-    return why
-
-
-def hf_config(cfg: ModelConfig, eos: int | None = None) -> dict:
-    hidden = int(cfg.mlp_ratio * cfg.n_embd)
-    config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": hidden,
-        "activation_function": "gelu_new",  # our MLP uses the tanh approximation of GELU
-        "layer_norm_epsilon": cfg.norm_eps, "initializer_range": 0.02,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
-        "dtype": "float32", "torch_dtype": "float32",
-    }
-    if eos is not None:
-        config.update(bos_token_id=eos, eos_token_id=eos)
-    return config
-
-
-def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """gpt-simple names → GPT2LMHeadModel names. HF's Conv1D stores weights as (in, out): transposed.
-    Missing biases (model.bias = false) are written as zeros, which computes the same function."""
-    def bias(name: str, size: int) -> torch.Tensor:
-        return state[name] if name in state else torch.zeros(size, dtype=state["tok_emb.weight"].dtype)
-
-    hidden = state["blocks.0.mlp.up.weight"].shape[0] if cfg.n_layer else int(cfg.mlp_ratio * cfg.n_embd)
-    C = cfg.n_embd
-    out = {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
-           "transformer.ln_f.weight": state["norm.weight"], "transformer.ln_f.bias": bias("norm.bias", C)}
-    for i in range(cfg.n_layer):
-        b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        out.update({
-            h + "ln_1.weight": state[b + "norm1.weight"], h + "ln_1.bias": bias(b + "norm1.bias", C),
-            h + "attn.c_attn.weight": state[b + "attn.qkv.weight"].t(),
-            h + "attn.c_attn.bias": bias(b + "attn.qkv.bias", 3 * C),
-            h + "attn.c_proj.weight": state[b + "attn.proj.weight"].t(),
-            h + "attn.c_proj.bias": bias(b + "attn.proj.bias", C),
-            h + "ln_2.weight": state[b + "norm2.weight"], h + "ln_2.bias": bias(b + "norm2.bias", C),
-            h + "mlp.c_fc.weight": state[b + "mlp.up.weight"].t(), h + "mlp.c_fc.bias": bias(b + "mlp.up.bias", hidden),
-            h + "mlp.c_proj.weight": state[b + "mlp.down.weight"].t(),
-            h + "mlp.c_proj.bias": bias(b + "mlp.down.bias", C),
-        })
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["head.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 # -- export -----------------------------------------------------------------------------------------------
 def export(checkpoint: str | Path, out: str | Path, hf: str = "auto", dtype: str = "float32",
            tokenizer: str | None = None, verify: bool = True) -> dict:
-    """Write OUT/gpt_simple.{safetensors,json} and (hf = 'auto' when compatible, 'yes' always) the HF layout.
+    """Write OUT/gpt_simple.{safetensors,json} and (hf = 'auto' when the architecture has a Hugging Face
+    layout, 'yes' always) that layout, with the tokenizer.
 
-    Returns a summary dict (paths, step, whether the HF layout was written and why not)."""
-    from safetensors.torch import save_file
-
+    Returns a summary dict (paths, step, the layout written or why none)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder; give a folder to write the export into")
     state, cfg, meta, ckpt = load_checkpoint_model(checkpoint, verify)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    state = {k: v.to(dt) for k, v in state.items()}
-    why_not_hf = hf_incompatibility(cfg)
+    layout, why_not_hf = hf_layout.layout_of(cfg)
     if hf == "yes" and why_not_hf:
-        raise ExportError(f"{ckpt}: cannot write the Hugging Face GPT-2 layout: {'; '.join(why_not_hf)}")
+        raise ExportError(f"{ckpt}: cannot write a Hugging Face layout: {'; '.join(why_not_hf)}")
     try:
         spec = tokenizer_spec(meta, tokenizer)
     except ExportError:
         spec = None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return _write_export(out, state, cfg, meta, ckpt, spec, dtype, hf, why_not_hf, save_file)
+        summary = _write_ours(out, state, cfg, meta, ckpt, spec, dtype)
+        summary.update(hf=False, hf_skipped=why_not_hf, layout=layout)
+        if hf != "no" and not why_not_hf:
+            summary["tokenizer_note"] = _write_hf(out, state, cfg, layout, meta, spec, tokenizer, dtype)
+            summary["hf"] = True
+        else:  # never leave an older export's HF files next to these weights: they would load a different model
+            for name in (HF_WEIGHTS, HF_CONFIG, *WRITTEN):
+                (out / name).unlink(missing_ok=True)
+        return summary
     except OSError as e:
         raise ExportError(f"{out}: cannot write the export ({e})") from None
 
 
-def _write_export(out: Path, state, cfg: ModelConfig, meta: dict, ckpt: Path, spec, dtype: str, hf: str,
-                  why_not_hf: list[str], save_file) -> dict:
-    ours = {k: v.contiguous() for k, v in state.items() if not (cfg.tie_embeddings and k == "head.weight")}
+def _write_ours(out: Path, state, cfg: ModelConfig, meta: dict, ckpt: Path, spec, dtype: str) -> dict:
+    names = [k for k in state if not (cfg.tie_embeddings and k == "head.weight")]
     info = {"step": meta.get("step"), "arch_hash": (meta.get("model") or {}).get("arch_hash"),
             "source": str(ckpt.resolve()), "tokenizer": spec, "dtype": dtype}
-    save_file(ours, str(out / OURS_WEIGHTS), metadata={"format": "pt", "gpt_simple": json.dumps(info)})
+    write_safetensors(out / OURS_WEIGHTS, [(k, tuple(state[k].shape), lambda k=k: state[k]) for k in names],
+                      DTYPES[dtype], metadata={"format": "pt", "gpt_simple": json.dumps(info)})
     (out / OURS_CONFIG).write_text(json.dumps({"model": dataclasses.asdict(cfg), **info}, indent=1) + "\n")
-    summary = {"checkpoint": str(ckpt), "out": str(out), "step": meta.get("step"), "tensors": len(ours),
-               "parameters": sum(v.numel() for v in ours.values()), "hf": False, "hf_skipped": why_not_hf}
-    if hf != "no" and not why_not_hf:
-        eos = None
-        if spec:
-            try:
-                from gpt_simple.data.tokenizer import get_tokenizer
-                eos = get_tokenizer(spec).eos
-            except ValueError:
-                eos = None
-        save_file(to_hf_state(state, cfg), str(out / HF_WEIGHTS), metadata={"format": "pt"})
-        config = hf_config(cfg, eos)
-        config["torch_dtype"] = config["dtype"] = dtype
-        (out / HF_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
-        summary["hf"] = True
-    else:  # never leave an older export's HF files next to these weights: they would load a different model
-        for name in (HF_WEIGHTS, HF_CONFIG):
-            (out / name).unlink(missing_ok=True)
-    return summary
+    return {"checkpoint": str(ckpt), "out": str(out), "step": meta.get("step"), "tensors": len(names),
+            "parameters": sum(state[k].numel() for k in names)}
+
+
+def _write_hf(out: Path, state, cfg: ModelConfig, layout: str, meta: dict, spec, override, dtype: str) -> str:
+    eos = None
+    if spec:
+        try:
+            from gpt_simple.data.tokenizer import get_tokenizer
+            eos = get_tokenizer(spec).eos
+        except (ValueError, OSError):
+            eos = 256 if spec == "byte" else None
+    write_safetensors(out / HF_WEIGHTS, hf_layout.export_tensors(state, cfg, layout, DTYPES[dtype]), DTYPES[dtype])
+    config = hf_layout.hf_config(cfg, layout, eos)
+    config["torch_dtype"] = config["dtype"] = dtype
+    (out / HF_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    return write_tokenizer(out, spec, meta, override, hf_layout.CLASSES[layout])
 
 
 def load_exported(out: str | Path, device: str | torch.device = "cpu"):
@@ -235,15 +184,16 @@ def load_exported(out: str | Path, device: str | torch.device = "cpu"):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt-simple export",
-        description="Consolidate a (sharded DCP) checkpoint into one safetensors file + its model config; "
-                    "for GPT-2 architectures also a Hugging Face GPT2LMHeadModel folder.")
+        description="Consolidate a (sharded DCP) checkpoint into one safetensors file + its model config; for "
+                    "GPT-2 and Llama architectures also a Hugging Face folder (GPT2LMHeadModel, LlamaForCausalLM).")
     parser.add_argument("checkpoint", help="checkpoints/step-N directory, or a run directory (newest checkpoint)")
     parser.add_argument("out", help="output folder")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--hf", action="store_true", help="require the Hugging Face layout (error if impossible)")
     group.add_argument("--no-hf", action="store_true", help="skip the Hugging Face layout")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--tokenizer", help="tokenizer spec to record when the run's data.dir is not here")
+    parser.add_argument("--tokenizer", help="tokenizer spec to record when the run's data.dir is not here; "
+                        "hf:PATH/tokenizer.json also puts that file into the Hugging Face folder")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the checkpoint's files against their recorded checksums")
     return parser
@@ -254,14 +204,14 @@ def export_main(argv: list[str]) -> int:
     try:
         s = export(args.checkpoint, args.out, "yes" if args.hf else "no" if args.no_hf else "auto", args.dtype,
                    args.tokenizer, args.verify)
-    except (ExportError, CheckpointError) as e:
+    except (ExportError, CheckpointError, hf_layout.HFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {s['checkpoint']} (step {s['step']}, {s['parameters']:,} parameters) to {s['out']}/"
           f"{OURS_WEIGHTS} + {OURS_CONFIG}")
     if s["hf"]:
         print(f"Hugging Face layout: {s['out']}/{HF_CONFIG} + {HF_WEIGHTS} "
-              f"(transformers.GPT2LMHeadModel.from_pretrained({s['out']!r}))")
+              f"(transformers.{hf_layout.CLASSES[s['layout']]}.from_pretrained({s['out']!r})); {s['tokenizer_note']}")
     elif s["hf_skipped"]:
         print(f"no Hugging Face layout: {'; '.join(s['hf_skipped'])}")
     return 0

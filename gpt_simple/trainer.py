@@ -21,11 +21,13 @@ import torch.distributed as dist
 from gpt_simple import shutdown
 from gpt_simple.checkpoint import CheckpointError, CheckpointManager, resume_candidates
 from gpt_simple.clock import CARRIED, Clock, ThroughputMeter
-from gpt_simple.config import Config, to_toml
+from gpt_simple.config import Config, ConfigError, to_toml
 from gpt_simple.data import BucketExhausted, build_stream
 from gpt_simple.drill import ENV
 from gpt_simple.eval import Evaluator, validation_buckets
 from gpt_simple.flops import peak_flops
+from gpt_simple.hf import HFError
+from gpt_simple.hf_io import load_into
 from gpt_simple.journal import Journal, events
 from gpt_simple.model import GPT, count_params, flops_per_token
 from gpt_simple.optim import LRSchedule, build_optimizer
@@ -55,6 +57,7 @@ class Trainer:
         self.cfg, self.dist, self.journal, self.clock = cfg, d, journal, clock
         self.announce()
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.candidates = resume_candidates(t.resume, journal.run_dir.checkpoints)
         self.model, self.optimizer, self.meter = self.build_model()
         clock.mark("model")  # built, sharded (set-up collectives), its optimizer
         self.schedule = LRSchedule(cfg.optimizer, t.max_steps)
@@ -101,6 +104,7 @@ class Trainer:
         cfg, d, t = self.cfg, self.dist, self.cfg.training
         torch.manual_seed(t.seed)
         model = GPT(cfg.model)
+        self.start_from(model)
         n_params = count_params(model, cfg.model)
         flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
         model = parallelize(model, t, d.device, build_mesh(d.mesh_shape, d.device, t.setup_timeout_seconds))
@@ -111,8 +115,27 @@ class Trainer:
         meter = ThroughputMeter(self.tokens_per_step, flops, peak, d.world_size)
         return model, optimizer, meter
 
+    def start_from(self, model: GPT) -> None:
+        """model.init_from: a fresh run's plain model takes the folder's weights, on every rank alike, before it
+        is sharded; a run with a checkpoint resumes from that instead."""
+        path = self.cfg.model.init_from
+        if not path:
+            return
+        if self.candidates:
+            log.info(f"model.init_from {path!r} ignored: the run resumes from its own checkpoint "
+                     f"{self.candidates[-1].name} (init_from only starts a fresh run)")
+            return
+        try:
+            loaded = load_into(model, path, self.cfg.model, digest=self.dist.is_main)
+        except HFError as e:
+            raise ConfigError(str(e)) from None
+        log.info(f"initialised the model from {loaded.path} ({loaded.layout}, {loaded.tensors} tensors, "
+                 f"sha256 {loaded.sha256 or '-'})")
+        self.journal.event(events.InitFrom(path=loaded.path, layout=loaded.layout, sha256=loaded.sha256,
+                                           files=loaded.files, tensors=loaded.tensors))
+
     def resume(self) -> None:
-        candidates = resume_candidates(self.cfg.training.resume, self.journal.run_dir.checkpoints)
+        candidates = self.candidates
         if not candidates:
             log.info("starting a fresh run")
             return

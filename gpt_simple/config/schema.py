@@ -19,6 +19,9 @@ def doc(default: Any, text: str, **meta: Any) -> Any:
     return field(default=default, metadata={"doc": text, **meta})
 
 
+NOT_ARCHITECTURE = ("init_from",)  # model fields that no checkpoint's architecture check compares
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = doc(50304, "Embedding rows; >= the tokenizer's vocabulary (padded to a multiple of 64 for speed).")
@@ -36,6 +39,7 @@ class ModelConfig:
     bias: bool = doc(True, "Bias terms in linear layers and norms.")
     dropout: float = doc(0.0, "Dropout probability (attention and residual); 0 for pretraining.")
     tie_embeddings: bool = doc(True, "Share the token embedding with the output head.")
+    init_from: str = doc("", "A local Hugging Face model folder (GPT-2 or Llama layout: config.json + safetensors or pytorch_model.bin) whose weights the run's first launch starts from; the fields above must agree with its config.json. Ignored once the run has a checkpoint. See docs/huggingface.md.")
 
 
 @dataclass
@@ -133,8 +137,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict:
-        """The fields that decide the shapes and meaning of the weights."""
-        return dataclasses.asdict(self.model)
+        """The fields that decide the shapes and meaning of the weights (not where the first ones came from)."""
+        return {k: v for k, v in dataclasses.asdict(self.model).items() if k not in NOT_ARCHITECTURE}
 
     def arch_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode()).hexdigest()[:16]

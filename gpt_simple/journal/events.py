@@ -67,6 +67,18 @@ class Resume(Event):
 
 
 @dataclass
+class InitFrom(Event):
+    """The first launch of a run started its model from a Hugging Face folder (model.init_from): which, and the
+    sha256 of its weights (one file's digest, or of sha256sum's lines for sharded weights; `files` per file)."""
+    kind: ClassVar[str] = "init_from"
+    path: str
+    layout: str
+    sha256: str
+    files: dict
+    tensors: int
+
+
+@dataclass
 class Replay(Event):
     """Steps an earlier launch trained past its last committed checkpoint (killed, or lost a node): this launch
     trains them again. `seconds` at the step time that launch measured."""

@@ -1,0 +1,79 @@
+"""The tokenizer that goes with a Hugging Face export: the run's tokenizer.json (found by the digest its shards
+record), or a README.md saying what the ids mean where no Hugging Face tokenizer file can be written here.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+README = "README.md"
+TOKENIZER = "tokenizer.json"
+# Files that belong with a tokenizer.json when they sit next to it (a model folder's tokenizer).
+COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+WRITTEN = (README, TOKENIZER, *COMPANIONS)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def find_tokenizer_json(spec: str, meta: dict, override: str | None = None) -> Path | None:
+    """The tokenizer.json whose digest the spec records ('hf:NAME:SHA12'), looked for where a run keeps it:
+    --tokenizer hf:PATH, the model.init_from folder, data.dir and its buckets. None when not found."""
+    parts = spec.split(":")
+    want = parts[2] if len(parts) > 2 else None
+    config = ((meta.get("run") or {}).get("config") or {})
+    places = []
+    if override and override.startswith("hf:"):
+        places.append(Path(override[3:]))
+    if len(parts) == 2:  # a spec that names its file (an override, or a run's own hf:PATH)
+        places.append(Path(parts[1]))
+    init_from = (config.get("model") or {}).get("init_from")
+    if init_from:
+        places.append(Path(init_from) / TOKENIZER)
+    data_dir = Path((config.get("data") or {}).get("dir") or "")
+    if str(data_dir) not in ("", ".") and data_dir.is_dir():
+        places += [data_dir / TOKENIZER, *sorted(data_dir.glob(f"*/{TOKENIZER}"))]
+    for path in places:
+        if path.is_file() and (want is None or _digest(path).startswith(want)):
+            return path
+    return None
+
+
+def write_tokenizer(out: Path, spec: str | None, meta: dict, override: str | None, layout: str) -> str:
+    """Put the tokenizer (or what is known of it) into the export folder; returns one line saying what."""
+    for name in WRITTEN:  # an earlier export's tokenizer must not stay next to another model
+        (out / name).unlink(missing_ok=True)
+    head = f"# {out.name}\n\nA gpt-simple export in the Hugging Face {layout} layout (config.json, model.safetensors).\n\n"
+    if spec and spec.startswith("hf:"):
+        found = find_tokenizer_json(spec, meta, override)
+        if found is not None:
+            shutil.copyfile(found, out / TOKENIZER)
+            for name in COMPANIONS:
+                if (found.parent / name).is_file():
+                    shutil.copyfile(found.parent / name, out / name)
+            return f"tokenizer: {found} copied"
+        (out / README).write_text(
+            head + f"## Tokenizer\n\nThe run's data was tokenized with the Hugging Face tokenizer `{spec}` (file name "
+            f"and the first 12 hex digits of its SHA-256), which was not found here. Copy that `tokenizer.json` into "
+            f"this folder, or export again with `--tokenizer hf:PATH/tokenizer.json`.\n")
+        return f"tokenizer: {spec} not found; pass --tokenizer hf:PATH/tokenizer.json (see README.md)"
+    if spec and spec.startswith("tiktoken:"):
+        name = spec.split(":", 1)[1]
+        same = (" It is the same BPE as Hugging Face's GPT-2 tokenizer: "
+                "`AutoTokenizer.from_pretrained(\"openai-community/gpt2\")` loads it from the Hub.") if name == "gpt2" else ""
+        (out / README).write_text(
+            head + f"## Tokenizer\n\nThe run's data was tokenized with tiktoken's `{name}` encoding. No Hugging Face "
+            f"tokenizer file is written: converting it needs the encoding's BPE file, which tiktoken downloads, "
+            f"and export works offline.{same} Token ids are tiktoken's; end of document is `<|endoftext|>`.\n")
+        return f"tokenizer: tiktoken:{name}, no tokenizer file (see README.md)"
+    if spec == "byte":
+        (out / README).write_text(
+            head + "## Tokenizer\n\nByte-level ids, no tokenizer file: id `b` (0 to 255) is the byte `b` of the UTF-8 "
+            "text; id 256 is end of document (`eos_token_id` and `bos_token_id` in config.json); ids from 257 up to "
+            "`vocab_size` - 1 are padding rows the data never uses.\n\n```python\nids = list(text.encode(\"utf-8\"))"
+            "\ntext = bytes(i for i in ids if i < 256).decode(\"utf-8\", errors=\"replace\")\n```\n")
+        return "tokenizer: byte-level (ids described in README.md)"
+    (out / README).write_text(head + "## Tokenizer\n\nThe checkpoint does not record its tokenizer.\n")
+    return "tokenizer: unknown (pass --tokenizer SPEC)"
