@@ -18,6 +18,8 @@ ARCHS = {
     "gpt2-untied-nobias": ("--model.tie_embeddings", "false", "--model.bias", "false"),
     "modern": ("--model.pos_embedding", "rope", "--model.norm", "rmsnorm", "--model.mlp", "swiglu",
                "--model.n_kv_head", "1"),
+    # no Hugging Face layout holds RoPE with LayerNorm and a GELU MLP
+    "rope-layernorm": ("--model.pos_embedding", "rope"),
 }
 
 
@@ -69,8 +71,8 @@ def test_export_round_trip_and_hugging_face_gpt2_logits(runs, tmp_path, arch):
     proc = cli("export", ckpt, out)
     assert proc.returncode == 0, proc.stderr
     assert "Hugging Face layout" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "gpt_simple.json", "gpt_simple.safetensors",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "gpt_simple.json",
+                                                     "gpt_simple.safetensors", "model.safetensors"]
     info = json.loads((out / "gpt_simple.json").read_text())
     assert (info["step"], info["tokenizer"]) == (3, "byte")
 
@@ -108,14 +110,14 @@ def untrained(cfg):
     return GPT(cfg).eval()
 
 
-def test_non_gpt2_architecture_exports_without_the_hf_layout(runs, tmp_path):
-    ckpt = runs["modern"] / "checkpoints" / "step-3-final"
+def test_an_architecture_without_a_hf_layout_exports_without_it(runs, tmp_path):
+    ckpt = runs["rope-layernorm"] / "checkpoints" / "step-3-final"
     out = tmp_path / "export"
     # an earlier GPT-2 export into the same folder: its HF files must not survive next to the new weights
     assert cli("export", runs["gpt2-tied"], out).returncode == 0 and (out / "config.json").exists()
-    proc = cli("export", runs["modern"], out)  # a run directory: its newest checkpoint
+    proc = cli("export", runs["rope-layernorm"], out)  # a run directory: its newest checkpoint
     assert proc.returncode == 0, proc.stderr
-    assert "no Hugging Face layout: model.pos_embedding = 'rope'" in proc.stdout
+    assert "no Hugging Face layout: model.norm = 'layernorm' with rope" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["gpt_simple.json", "gpt_simple.safetensors"]
     from gpt_simple.export import load_exported
     model, cfg, info = load_exported(out)
@@ -127,10 +129,27 @@ def test_non_gpt2_architecture_exports_without_the_hf_layout(runs, tmp_path):
     proc = cli("export", ckpt, tmp_path / "hf", "--hf")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        f"error: {ckpt}: cannot write the Hugging Face GPT-2 layout: model.pos_embedding = 'rope' (GPT-2 has learned "
-        f"positions); model.norm = 'rmsnorm' (GPT-2 uses LayerNorm); model.mlp = 'swiglu' (GPT-2 uses a GELU MLP); "
-        f"model.n_kv_head = 1 (GPT-2 has no grouped-query attention)"]
+        f"error: {ckpt}: cannot write a Hugging Face layout: model.norm = 'layernorm' with rope (Llama uses "
+        f"RMSNorm); model.mlp = 'gelu' with rope (Llama uses a SwiGLU MLP)"]
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_modern_architecture_exports_as_llama(runs, tmp_path):
+    """RoPE + RMSNorm + SwiGLU with one key/value head and bias terms (attention_bias, mlp_bias): a
+    LlamaForCausalLM whose logits are the checkpoint's."""
+    ckpt = runs["modern"] / "checkpoints" / "step-3-final"
+    out = tmp_path / "export"
+    proc = cli("export", runs["modern"], out, "--hf")
+    assert proc.returncode == 0, proc.stderr
+    assert "transformers.LlamaForCausalLM.from_pretrained" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["attention_bias"], config["mlp_bias"]) == (1, True, True)
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ref, cfg = reference_model(ckpt)
+    x = tokens(cfg.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_generate_samples_text(runs, tmp_path):
