@@ -223,3 +223,28 @@ def test_a_config_that_differs_from_the_folder_is_one_line_exit_2(pretrained, de
                       f"num_hidden_layers (2)"], proc.stderr
     assert "Traceback" not in proc.stderr
     assert status_word(out).startswith("ERROR") and not (out / "metrics.jsonl").exists()
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    proc = train_from(tmp_path / "bert-run", demo_data, bert, LLAMA_ARGS, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {bert}/config.json: model_type 'bert' is not supported (model.init_from takes a GPT-2 or Llama "
+        f"layout: model_type 'gpt2' or 'llama')"]
+
+
+@pytest.mark.parametrize("nproc,replicas", [(2, 1), (4, 2)])
+def test_sharded_ranks_start_from_the_folder(pretrained, demo_data, tmp_path, nproc, replicas):
+    """FSDP over 2 ranks and HSDP 2x2: every rank fills its shard. A deadline already past when set-up ends
+    stops the run at step 0 with a checkpoint of the initial weights: exactly the folder's."""
+    from gpt_simple.checkpoint import load_model_state
+    out = tmp_path / "run"
+    proc = train_from(out, demo_data, pretrained["llama"], LLAMA_ARGS, "--parallel.replicate_degree", str(replicas),
+                      "--training.micro_batch_size", "2", nproc=nproc, env=child_env(GPT_SIMPLE_MAX_RUNTIME="1"))
+    assert f"world size {nproc}" in proc.stdout
+    saved = load_model_state(out / "checkpoints" / "step-0-shutdown")
+    expected = ours_from(pretrained["llama"], llama_config()).state_dict()
+    assert saved.keys() == {k for k in expected if not k.startswith("rope_")}
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert [e["event"] for e in events(out)].count(ev.InitFrom.kind) == 1
