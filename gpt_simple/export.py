@@ -158,18 +158,12 @@ def _write_ours(out: Path, state, cfg: ModelConfig, meta: dict, ckpt: Path, spec
 
 
 def _write_hf(out: Path, state, cfg: ModelConfig, layout: str, meta: dict, spec, override, dtype: str) -> str:
-    eos = None
-    if spec:
-        try:
-            from gpt_simple.data.tokenizer import get_tokenizer
-            eos = get_tokenizer(spec).eos
-        except (ValueError, OSError):
-            eos = 256 if spec == "byte" else None
+    note, eos = write_tokenizer(out, spec, meta, override, hf_layout.CLASSES[layout])
     write_safetensors(out / HF_WEIGHTS, hf_layout.export_tensors(state, cfg, layout, DTYPES[dtype]), DTYPES[dtype])
     config = hf_layout.hf_config(cfg, layout, eos)
     config["torch_dtype"] = config["dtype"] = dtype
     (out / HF_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
-    return write_tokenizer(out, spec, meta, override, hf_layout.CLASSES[layout])
+    return note
 
 
 def load_exported(out: str | Path, device: str | torch.device = "cpu"):

@@ -22,7 +22,8 @@ def find_tokenizer_json(spec: str, meta: dict, override: str | None = None) -> P
     """The tokenizer.json whose digest the spec records ('hf:NAME:SHA12'), looked for where a run keeps it:
     --tokenizer hf:PATH, the model.init_from folder, data.dir and its buckets. None when not found."""
     parts = spec.split(":")
-    want = parts[2] if len(parts) > 2 else None
+    recorded = ((meta.get("run") or {}).get("tokenizer") or spec).split(":")
+    want = recorded[2] if len(recorded) > 2 and recorded[0] == "hf" else None  # the file the run trained with
     config = ((meta.get("run") or {}).get("config") or {})
     places = []
     if override and override.startswith("hf:"):
@@ -41,8 +42,21 @@ def find_tokenizer_json(spec: str, meta: dict, override: str | None = None) -> P
     return None
 
 
-def write_tokenizer(out: Path, spec: str | None, meta: dict, override: str | None, layout: str) -> str:
-    """Put the tokenizer (or what is known of it) into the export folder; returns one line saying what."""
+def eos_of(spec: str | None, found: Path | None = None) -> int | None:
+    """The end-of-document id of the run's tokenizer, where it can be known here."""
+    from gpt_simple.data.tokenizer import get_tokenizer
+    if found is not None:
+        spec = f"hf:{found}"
+    try:
+        return get_tokenizer(spec).eos if spec else None
+    except (ValueError, OSError):  # a recorded hf id that names no file here, tiktoken not installed
+        return None
+
+
+def write_tokenizer(out: Path, spec: str | None, meta: dict, override: str | None, layout: str
+                    ) -> tuple[str, int | None]:
+    """Put the tokenizer (or what is known of it) into the export folder; returns (one line saying what, the
+    end-of-document id or None)."""
     for name in WRITTEN:  # an earlier export's tokenizer must not stay next to another model
         (out / name).unlink(missing_ok=True)
     head = f"# {out.name}\n\nA gpt-simple export in the Hugging Face {layout} layout (config.json, model.safetensors).\n\n"
@@ -53,12 +67,12 @@ def write_tokenizer(out: Path, spec: str | None, meta: dict, override: str | Non
             for name in COMPANIONS:
                 if (found.parent / name).is_file():
                     shutil.copyfile(found.parent / name, out / name)
-            return f"tokenizer: {found} copied"
+            return f"tokenizer: {found} copied", eos_of(spec, found)
         (out / README).write_text(
             head + f"## Tokenizer\n\nThe run's data was tokenized with the Hugging Face tokenizer `{spec}` (file name "
             f"and the first 12 hex digits of its SHA-256), which was not found here. Copy that `tokenizer.json` into "
             f"this folder, or export again with `--tokenizer hf:PATH/tokenizer.json`.\n")
-        return f"tokenizer: {spec} not found; pass --tokenizer hf:PATH/tokenizer.json (see README.md)"
+        return f"tokenizer: {spec} not found; pass --tokenizer hf:PATH/tokenizer.json (see README.md)", None
     if spec and spec.startswith("tiktoken:"):
         name = spec.split(":", 1)[1]
         same = (" It is the same BPE as Hugging Face's GPT-2 tokenizer: "
@@ -67,13 +81,13 @@ def write_tokenizer(out: Path, spec: str | None, meta: dict, override: str | Non
             head + f"## Tokenizer\n\nThe run's data was tokenized with tiktoken's `{name}` encoding. No Hugging Face "
             f"tokenizer file is written: converting it needs the encoding's BPE file, which tiktoken downloads, "
             f"and export works offline.{same} Token ids are tiktoken's; end of document is `<|endoftext|>`.\n")
-        return f"tokenizer: tiktoken:{name}, no tokenizer file (see README.md)"
+        return f"tokenizer: tiktoken:{name}, no tokenizer file (see README.md)", eos_of(spec)
     if spec == "byte":
         (out / README).write_text(
             head + "## Tokenizer\n\nByte-level ids, no tokenizer file: id `b` (0 to 255) is the byte `b` of the UTF-8 "
             "text; id 256 is end of document (`eos_token_id` and `bos_token_id` in config.json); ids from 257 up to "
             "`vocab_size` - 1 are padding rows the data never uses.\n\n```python\nids = list(text.encode(\"utf-8\"))"
             "\ntext = bytes(i for i in ids if i < 256).decode(\"utf-8\", errors=\"replace\")\n```\n")
-        return "tokenizer: byte-level (ids described in README.md)"
+        return "tokenizer: byte-level (ids described in README.md)", eos_of(spec)
     (out / README).write_text(head + "## Tokenizer\n\nThe checkpoint does not record its tokenizer.\n")
-    return "tokenizer: unknown (pass --tokenizer SPEC)"
+    return "tokenizer: unknown (pass --tokenizer SPEC)", None

@@ -248,3 +248,43 @@ def test_sharded_ranks_start_from_the_folder(pretrained, demo_data, tmp_path, np
     for name, tensor in saved.items():
         assert torch.equal(tensor, expected[name]), name
     assert [e["event"] for e in events(out)].count(ev.InitFrom.kind) == 1
+
+
+def test_a_hugging_face_tokenizer_goes_with_the_export(pretrained, demo_data, tmp_path):
+    """Data prepared with `--tokenizer hf:FOLDER/tokenizer.json`, the run started from FOLDER: the export holds
+    that tokenizer.json (found by the digest the shards record), and transformers' tokenizer from the export
+    gives our ids. Moved away, it is named in README.md, and --tokenizer hf:PATH brings it back."""
+    import shutil
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from gpt_simple.cli import main
+    from gpt_simple.data.prepare.build import prepare
+    from gpt_simple.data.tokenizer import get_tokenizer
+    folder = Path(shutil.copytree(pretrained["llama"], tmp_path / "model"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    sources = sorted(Path(json.__file__).parent.glob("*.py"))
+    for src in sources:
+        (docs / f"{src.stem}.txt").write_text(src.read_text())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train([str(p) for p in sources], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    prepare([str(docs)], str(tmp_path / "data"), "code", f"hf:{folder}/tokenizer.json", workers=1, quiet=True)
+    run = tmp_path / "run"
+    train_from(run, tmp_path / "data", folder, LLAMA_ARGS, "--training.max_steps", "3")
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out)]) == 0
+    assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 0
+    from transformers import AutoTokenizer
+    text = (docs / "decoder.txt").read_text()[:500]
+    ours = get_tokenizer(f"hf:{folder}/tokenizer.json").encode(text).tolist()
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == ours and len(ours) > 50
+
+    moved = tmp_path / "elsewhere.json"
+    (folder / "tokenizer.json").rename(moved)
+    assert main(["export", str(run), str(out)]) == 0
+    assert not (out / "tokenizer.json").exists() and "was not found here" in (out / "README.md").read_text()
+    assert main(["export", str(run), str(out), "--tokenizer", f"hf:{moved}"]) == 0
+    assert (out / "tokenizer.json").read_bytes() == moved.read_bytes() and not (out / "README.md").exists()
