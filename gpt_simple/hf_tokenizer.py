@@ -59,35 +59,39 @@ def write_tokenizer(out: Path, spec: str | None, meta: dict, override: str | Non
     end-of-document id or None)."""
     for name in WRITTEN:  # an earlier export's tokenizer must not stay next to another model
         (out / name).unlink(missing_ok=True)
-    head = f"# {out.name}\n\nA gpt-simple export in the Hugging Face {layout} layout (config.json, model.safetensors).\n\n"
+    found = find_tokenizer_json(spec, meta, override) if spec and spec.startswith("hf:") else None
+    if found is not None:
+        shutil.copyfile(found, out / TOKENIZER)
+        for name in COMPANIONS:
+            if (found.parent / name).is_file():
+                shutil.copyfile(found.parent / name, out / name)
+        return f"tokenizer: {found} copied", eos_of(spec, found)
+    note, text = _described(spec)
+    (out / README).write_text(f"# {out.name}\n\nA gpt-simple export in the Hugging Face {layout} layout "
+                              f"(config.json, model.safetensors).\n\n## Tokenizer\n\n{text}\n")
+    return note, eos_of(spec)
+
+
+def _described(spec: str | None) -> tuple[str, str]:
+    """(the CLI's note, README.md's tokenizer section) where no tokenizer file goes with the export."""
     if spec and spec.startswith("hf:"):
-        found = find_tokenizer_json(spec, meta, override)
-        if found is not None:
-            shutil.copyfile(found, out / TOKENIZER)
-            for name in COMPANIONS:
-                if (found.parent / name).is_file():
-                    shutil.copyfile(found.parent / name, out / name)
-            return f"tokenizer: {found} copied", eos_of(spec, found)
-        (out / README).write_text(
-            head + f"## Tokenizer\n\nThe run's data was tokenized with the Hugging Face tokenizer `{spec}` (file name "
-            f"and the first 12 hex digits of its SHA-256), which was not found here. Copy that `tokenizer.json` into "
-            f"this folder, or export again with `--tokenizer hf:PATH/tokenizer.json`.\n")
-        return f"tokenizer: {spec} not found; pass --tokenizer hf:PATH/tokenizer.json (see README.md)", None
+        return (f"tokenizer: {spec} not found; pass --tokenizer hf:PATH/tokenizer.json (see README.md)",
+                f"The run's data was tokenized with the Hugging Face tokenizer `{spec}` (file name and the first 12 "
+                f"hex digits of its SHA-256), which was not found here. Copy that `tokenizer.json` into this folder, "
+                f"or export again with `--tokenizer hf:PATH/tokenizer.json`.")
     if spec and spec.startswith("tiktoken:"):
         name = spec.split(":", 1)[1]
-        same = (" It is the same BPE as Hugging Face's GPT-2 tokenizer: "
-                "`AutoTokenizer.from_pretrained(\"openai-community/gpt2\")` loads it from the Hub.") if name == "gpt2" else ""
-        (out / README).write_text(
-            head + f"## Tokenizer\n\nThe run's data was tokenized with tiktoken's `{name}` encoding. No Hugging Face "
-            f"tokenizer file is written: converting it needs the encoding's BPE file, which tiktoken downloads, "
-            f"and export works offline.{same} Token ids are tiktoken's; end of document is `<|endoftext|>`.\n")
-        return f"tokenizer: tiktoken:{name}, no tokenizer file (see README.md)", eos_of(spec)
+        same = (" It is the same BPE as Hugging Face's GPT-2 tokenizer: `AutoTokenizer.from_pretrained("
+                "\"openai-community/gpt2\")` loads that from the Hub.") if name == "gpt2" else ""
+        return (f"tokenizer: tiktoken:{name}, no tokenizer file (see README.md)",
+                f"The run's data was tokenized with tiktoken's `{name}` encoding. No Hugging Face tokenizer file is "
+                f"written: converting it needs the encoding's BPE file, which tiktoken downloads, and export works "
+                f"offline.{same} Token ids are tiktoken's; end of document is `<|endoftext|>`.")
     if spec == "byte":
-        (out / README).write_text(
-            head + "## Tokenizer\n\nByte-level ids, no tokenizer file: id `b` (0 to 255) is the byte `b` of the UTF-8 "
-            "text; id 256 is end of document (`eos_token_id` and `bos_token_id` in config.json); ids from 257 up to "
-            "`vocab_size` - 1 are padding rows the data never uses.\n\n```python\nids = list(text.encode(\"utf-8\"))"
-            "\ntext = bytes(i for i in ids if i < 256).decode(\"utf-8\", errors=\"replace\")\n```\n")
-        return "tokenizer: byte-level (ids described in README.md)", eos_of(spec)
-    (out / README).write_text(head + "## Tokenizer\n\nThe checkpoint does not record its tokenizer.\n")
-    return "tokenizer: unknown (pass --tokenizer SPEC)", None
+        return ("tokenizer: byte-level (ids described in README.md)",
+                "Byte-level ids, no tokenizer file: id `b` (0 to 255) is the byte `b` of the UTF-8 text; id 256 is "
+                "end of document (`eos_token_id` and `bos_token_id` in config.json); ids from 257 up to "
+                "`vocab_size` - 1 are padding rows the data never uses.\n\n```python\n"
+                "ids = list(text.encode(\"utf-8\"))\n"
+                "text = bytes(i for i in ids if i < 256).decode(\"utf-8\", errors=\"replace\")\n```")
+    return "tokenizer: unknown (pass --tokenizer SPEC)", "The checkpoint does not record its tokenizer."
