@@ -76,7 +76,7 @@ class WeightFolder:
                     from safetensors import safe_open
                     self._open[name] = safe_open(str(path), framework="pt", device="cpu")
                 else:  # never unpickle code from a downloaded file
-                    self._open[name] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    self._open[name] = _load_bin(path)
             except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix: one line
                 raise hf.HFError(f"{path}: cannot read the weights ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -95,6 +95,15 @@ class WeightFolder:
                     h.update(chunk)
             out[name] = h.hexdigest()
         return out
+
+
+def _load_bin(path: Path) -> dict:
+    try:  # memory-mapped: tensors are paged in as they are copied
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
 
 
 def combined_digest(digests: dict[str, str]) -> str:
