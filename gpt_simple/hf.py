@@ -81,7 +81,7 @@ def hf_config(cfg: ModelConfig, layout: str, eos: int | None = None) -> dict:
 # -- config.json -> the checks of a config against it ---------------------------------------------------------
 def _rope(hf: dict) -> tuple[float | None, str]:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", params.get("rope_theta"))
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))  # transformers' default when unset
     return theta, params.get("rope_type", params.get("type", "default"))
 
 

@@ -68,6 +68,25 @@ def _resume_state(cfg: Config, stream) -> tuple[dict, str | None]:
     return stream.state_dict(), path.name
 
 
+def _init_from_line(cfg: Config, resumed: str | None) -> str:
+    """model.init_from: its config.json checked against [model] as the launch will check it (the weights are read
+    then), unless the run resumes, which ignores it."""
+    from pathlib import Path
+    from gpt_simple.hf import HFError, config_differences
+    from gpt_simple.hf_io import CONFIG, read_config
+    path = cfg.model.init_from
+    if resumed:
+        return f"model.init_from {path!r}: ignored, the run resumes from {resumed}"
+    try:
+        config = read_config(Path(path))
+    except HFError as e:
+        raise ConfigError(str(e)) from None
+    problem = config_differences(cfg.model, config, str(Path(path) / CONFIG))
+    if problem:
+        raise ConfigError(problem)
+    return f"model.init_from {path}: {config['model_type']} layout; its {CONFIG} agrees with [model]"
+
+
 def _mesh_line(cfg: Config) -> str:
     """The device mesh this launch would train on: the world size torchrun / srun gave this process (WORLD_SIZE),
     else the degree alone (validate usually runs outside the job); a degree that does not divide it is an error."""
@@ -112,6 +131,8 @@ def check(cfg: Config) -> Report:
     _eval_line(rep, cfg, splits)
 
     state, resumed = _resume_state(cfg, stream)
+    if cfg.model.init_from:
+        rep(_init_from_line(cfg, resumed))
     done_steps = state["step"]
     remaining_steps = max(0, t.max_steps - done_steps)
     total = remaining_steps * g
