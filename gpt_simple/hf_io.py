@@ -158,11 +158,12 @@ def load_into(model: torch.nn.Module, folder: str | Path, cfg: ModelConfig, dige
             if stored is None:
                 raise hf.HFError(f"{folder}: tensor {e.hf} is missing")
             used.add(stored)
-            _copy_in(e, weights.get(stored), params.get(e.ours), f"{folder / weights.where[stored]}: {stored}")
+            param = params.get(e.ours) if e.size else params[e.ours]  # only a GPT-2 bias may have no place
+            _copy_in(e, weights.get(stored), param, f"{folder / weights.where[stored]}: {stored}")
     extra = sorted(n for n in weights.where if n not in used and not _ignorable(n, cfg))
     if extra:
-        raise hf.HFError(f"{folder}: tensor {extra[0]} has no place in model (and {len(extra) - 1} more)"
-                         if len(extra) > 1 else f"{folder}: tensor {extra[0]} has no place in model")
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise hf.HFError(f"{folder}: tensor {extra[0]} has no place in the model{more}")
     loaded = Loaded(str(folder.resolve()), layout, len(used))
     if digest:
         loaded.files = weights.digests()
@@ -182,8 +183,9 @@ def _resolve_names(weights: WeightFolder, layout: str) -> dict[str, str]:
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
-    return name.endswith(hf.BUFFER_SUFFIXES) and not name.endswith(("c_attn.bias", "self_attn.bias")) or \
-        (cfg.tie_embeddings and name == "lm_head.weight")  # HF ties it on load and ignores the stored copy
+    if cfg.tie_embeddings and name == "lm_head.weight":  # HF ties it on load and ignores the stored copy
+        return True
+    return name.endswith(hf.BUFFER_SUFFIXES)
 
 
 def _copy_in(e: hf.Entry, t: torch.Tensor, param: torch.Tensor | None, where: str) -> None:

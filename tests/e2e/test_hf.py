@@ -118,6 +118,42 @@ def test_import_refuses_what_does_not_fit_in_one_line(pretrained, tmp_path):
         load_into(GPT(llama_config()), tmp_path / "nowhere", llama_config())
 
 
+@pytest.mark.parametrize("kind,over", [("gpt2", dict(bias=False, tie_embeddings=False)),
+                                       ("llama", dict(bias=True, tie_embeddings=True, n_kv_head=1)),
+                                       ("llama", dict(n_kv_head=0))])
+def test_every_layout_variant_goes_out_and_back(tmp_path, kind, over):
+    """Random weights (norms and biases included) through the export's writer and config: transformers gives our
+    logits, and init_from's loader gives back the same weights. GPT-2 without biases is written with zero
+    biases, which load back into a model without them; non-zero ones do not."""
+    from gpt_simple import hf
+    from gpt_simple.hf_io import write_safetensors
+    from gpt_simple.model import GPT
+    cfg = llama_config(**over) if kind == "llama" else gpt2_config(**over)
+    torch.manual_seed(3)
+    ours = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    layout, why_not = hf.layout_of(cfg)
+    assert layout == kind and not why_not
+    state = {k: v.detach() for k, v in ours.state_dict().items()}
+    write_safetensors(folder / "model.safetensors", hf.export_tensors(state, cfg, layout, torch.float32),
+                      torch.float32)
+    (folder / "config.json").write_text(json.dumps(hf.hf_config(cfg, layout)))
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(folder)(x).logits, ours(x), rtol=1e-5, atol=1e-5)
+    back = ours_from(folder, cfg).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+    if kind == "gpt2":
+        from gpt_simple.hf import HFError
+        from gpt_simple.hf_io import load_into
+        with pytest.raises(HFError, match="model.safetensors: transformer.ln_f.bias: non-zero bias, but model.bias = false"):
+            load_into(GPT(cfg), save_hf(tmp_path / "biased", "gpt2", tie_word_embeddings=False), cfg)
+
+
 def test_bin_weights_and_bare_gpt2_names_load(pretrained, tmp_path):
     """pytorch_model.bin (read with weights_only) and GPT-2's original names (no 'transformer.' prefix, the
     causal-mask buffers stored): the same model."""
