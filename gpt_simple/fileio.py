@@ -6,7 +6,8 @@ so a reader sees the old file or the new one, never half of either (write_atomic
 rename itself survive a power loss). A file written inside a folder that is not visible yet is written and
 fsynced in place (write_durable); a file that must not exist yet is created exclusively (create_durable: O_EXCL,
 atomic on NFSv3+ and Lustre). Logs (events.jsonl, metrics.jsonl, data_audit.jsonl, builds.log) are appended
-without fsync: a kill can tear their last line, and every reader skips a torn line.
+without fsync: a kill can tear their last line, which readers skip and the next launch drops (drop_torn_line,
+recorded); any other line that is not a record is damage, an error naming the file and line (RecordsError).
 
 Temporary names are unique per host, process and thread, so several hosts (a shared filesystem) and threads can
 replace the same file at once: the last rename wins, and each is whole.
@@ -121,20 +122,46 @@ def append_jsonl(path: Path, obj) -> None:
         f.write(json.dumps(strict_json(obj), allow_nan=False) + "\n")
 
 
+class RecordsError(ValueError):
+    """A line of a JSONL log that is not a record and not its torn last line: the file is damaged."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL log, skipping a line torn by a kill."""
-    return _records(Path(path).read_text())[0] if Path(path).exists() else []
+    """The records of a JSONL log, skipping a line torn by a kill (its last); RecordsError for a bad line elsewhere."""
+    return _records(Path(path))[0] if Path(path).exists() else []
 
 
-def _records(text: str) -> tuple[list[dict], bool]:
-    """(the records, whether a line was torn: unparsable, or the last one without its newline)."""
-    records, torn = [], bool(text) and not text.endswith("\n")
-    for line in text.splitlines():
+def _records(path: Path) -> tuple[list[dict], str, int | None]:
+    """(the records, the file's text, the number of its last line when a kill tore it: unparsable)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    records, torn = [], None
+    for number, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
-        except ValueError:
-            torn = True
-    return records, torn
+        except ValueError as e:
+            if number < len(lines):
+                raise RecordsError(f"{path}, line {number}: not a JSON record ({e}); the file is damaged and "
+                                   f"nothing was rewritten") from None
+            torn = number
+    return records, text, torn
+
+
+def drop_torn_line(path: Path) -> tuple[int, str] | None:
+    """Before a launch appends to a JSONL log: a last line torn by a kill is dropped (else the next record would
+    be glued to it); a last record without its newline gets one. (line number, the torn text) when a line was
+    dropped, for the caller to record; else None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    _, text, torn = _records(path)
+    lines = text.splitlines()
+    if torn is not None:
+        write_atomic(path, "".join(line + "\n" for line in lines[:torn - 1]))
+        return torn, lines[torn - 1]
+    if text and not text.endswith("\n"):
+        write_atomic(path, text + "\n")
+    return None
 
 
 def truncate_jsonl(path: Path, last_step: int) -> int:
@@ -142,8 +169,8 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
     the highest step removed (0: none). The file is rewritten only when a record goes or a line was torn."""
     if not Path(path).exists():
         return 0
-    records, torn = _records(Path(path).read_text())
+    records, text, torn = _records(Path(path))
     dropped = [r.get("step", 0) for r in records if r.get("step", 0) > last_step]
-    if dropped or torn:
+    if dropped or torn is not None or (text and not text.endswith("\n")):
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= last_step))
     return max(dropped, default=0)

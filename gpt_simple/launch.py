@@ -25,8 +25,10 @@ from gpt_simple.drill import Drill, DrillError
 from gpt_simple.journal import Journal, events, open_journal
 from gpt_simple.lease import EXIT_HELD, Lease, LeaseHeld
 from gpt_simple.lease import describe as describe_holder
-from gpt_simple.parallel import Dist, init_distributed, mesh_shape, set_collective_timeout, shutdown_distributed
-from gpt_simple.run_dir import RunDir
+from gpt_simple.checkpoint.failures import LoadUnavailable
+from gpt_simple.parallel import (Dist, init_distributed, is_fabric_failure, mesh_shape, set_collective_timeout,
+                                 shutdown_distributed)
+from gpt_simple.run_dir import RecordsError, RunDir
 from gpt_simple.run_state import ERROR, STOPPED
 from gpt_simple.runtime import log, setup_logging
 from gpt_simple.trainer import Trainer
@@ -34,16 +36,12 @@ from gpt_simple.journal.wandb_sink import require_wandb
 from gpt_simple.watchdog import GRACE_S as SETUP_WATCHDOG_GRACE_S
 from gpt_simple.watchdog import SetupWatchdog
 
-USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, DrillError)
+USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, DrillError, RecordsError)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}  # the storage, not a bug: no traceback
 
 
 TRANSIENT_CAP = 3  # transient failures in a row with no step progress: then ERROR (a broken node must not loop)
 EXIT_TRANSIENT = 1  # a transient failure exits non-zero, but its status (STOPPED, "transient: ...") says resume
-# Failures of the fabric, not of the run: recorded as resumable (see is_transient, docs/orchestration.md).
-TRANSIENT_PATTERNS = ("connection reset by peer", "connection refused", "connection closed by peer",
-                      "connectfullmesh", "broken pipe", "timed out", "timeout", "socket closed",
-                      "nccl communicator was aborted", "nccl error")
 
 
 class SetupFailed(Exception):
@@ -51,19 +49,10 @@ class SetupFailed(Exception):
 
 
 def is_transient(error: BaseException) -> bool:
-    """A failure of the fabric (peer lost, rendezvous / connect failure, collective timeout): resubmitting can
-    help. Bugs and user mistakes are not: only torch.distributed's own errors, connection errors, and a
-    RuntimeError from a collective whose message names the network qualify."""
-    if isinstance(error, (SetupFailed, ConnectionError, TimeoutError)):
-        return True
-    dist_errors = tuple(getattr(dist, n) for n in ("DistNetworkError", "DistBackendError", "DistStoreError")
-                        if hasattr(dist, n))
-    if dist_errors and isinstance(error, dist_errors):
-        return True
-    if type(error) is RuntimeError or type(error).__name__ in ("DistError",):
-        text = str(error).lower()
-        return any(p in text for p in TRANSIENT_PATTERNS) or ("gloo" in text and "peer" in text)
-    return False
+    """A failure of the fabric (peer lost, rendezvous / connect failure, collective timeout), a set-up that could
+    not complete, or a checkpoint that could not be read for a reason outside it: resubmitting can help. Bugs and
+    user mistakes are not."""
+    return isinstance(error, (SetupFailed, LoadUnavailable)) or is_fabric_failure(error)
 
 
 def first_line(error: BaseException) -> str:
@@ -109,10 +98,17 @@ def run(cfg: Config, force: bool = False) -> int:
             holder["journal"] = journal
             if journal.lease is not None:
                 closing.callback(journal.lease.release)
+            journal.drop_torn_lines()  # before anything appends to the run's logs
             clock.mark("run_folder")  # the lease, the journal
             trainer = setup_step("every rank to build the trainer (set-up collectives)", t.setup_timeout_seconds,
                                  Trainer, cfg, d, journal, closing, clock)
-            set_collective_timeout(t.collective_timeout_seconds)
+            unavailable = set_collective_timeout(t.collective_timeout_seconds)
+            if unavailable:  # a degraded guarantee: a lost peer is noticed after the set-up bound instead
+                bound = t.setup_timeout_seconds
+                log.warning(f"training.collective_timeout_seconds ({t.collective_timeout_seconds:g}) is not applied: "
+                            f"{unavailable}; collectives keep the set-up bound of {bound:g}s")
+                journal.event(events.CollectiveTimeoutUnavailable(seconds=t.collective_timeout_seconds,
+                                                                  kept_s=bound, why=unavailable))
             watchdog.setup_done()
             return trainer.run()
         except LeaseHeld as e:  # another live job holds the run: one line, nothing written

@@ -64,15 +64,40 @@ def init_distributed(device_choice: str, timeout_s: float = 1800) -> Dist:
     return Dist(rank, local_rank, world_size, device, backend)
 
 
-def set_collective_timeout(timeout_s: float, groups=None) -> None:
+# Failures of the fabric, not of the run (see is_fabric_failure, docs/orchestration.md).
+FABRIC_PATTERNS = ("connection reset by peer", "connection refused", "connection closed by peer",
+                   "connectfullmesh", "broken pipe", "timed out", "timeout", "socket closed",
+                   "nccl communicator was aborted", "nccl error")
+
+
+def is_fabric_failure(error: BaseException) -> bool:
+    """A peer lost, a rendezvous or connect failure, a collective timeout: only torch.distributed's own errors,
+    connection errors, and a RuntimeError from a collective whose message names the network qualify."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    dist_errors = tuple(getattr(dist, n) for n in ("DistNetworkError", "DistBackendError", "DistStoreError")
+                        if hasattr(dist, n))
+    if dist_errors and isinstance(error, dist_errors):
+        return True
+    if type(error) is RuntimeError or type(error).__name__ in ("DistError",):
+        text = str(error).lower()
+        return any(p in text for p in FABRIC_PATTERNS) or ("gloo" in text and "peer" in text)
+    return False
+
+
+def set_collective_timeout(timeout_s: float, groups=None) -> str | None:
     """After set-up: collectives of the training loop (a save, an evaluation on one rank) may legitimately wait
     longer than set-up should. Applies to every process group (the default one, the mesh's, the checkpoint
     manager's): a gloo send to a peer that died mid-collective can wait on its group's timeout alone, so that is
-    what bounds how long the survivors of a lost node hang. Uses torch's private _set_pg_timeout where it exists
-    (else the bounds the groups were made with stay)."""
+    what bounds how long the survivors of a lost node hang. torch has no public way to change a group's timeout
+    after it is made; its private _set_pg_timeout does it. Where that is missing, the groups keep the bound they
+    were made with (training.setup_timeout_seconds), and the reason is returned for the launch to announce."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
     setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-    if not dist.is_initialized() or setter is None:
-        return
+    if setter is None:
+        return (f"this torch ({torch.__version__}) cannot change a process group's timeout after set-up "
+                f"(no torch.distributed.distributed_c10d._set_pg_timeout)")
     world = getattr(dist.distributed_c10d, "_world", None)
     if groups is None:
         groups = list(getattr(world, "pg_map", {})) or [None]
@@ -81,6 +106,7 @@ def set_collective_timeout(timeout_s: float, groups=None) -> None:
             setter(datetime.timedelta(seconds=timeout_s), group)
         except ValueError:  # a group this rank is not part of
             pass
+    return None
 
 
 def shutdown_distributed() -> None:

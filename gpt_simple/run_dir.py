@@ -8,13 +8,14 @@ run_dir. Import-light (no torch): the signal handlers and `status.py` use it.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
-from gpt_simple.fileio import (append_jsonl, fsync_dir, read_jsonl, strict_json, truncate_jsonl, write_atomic,
-                               write_durable, write_json_atomic)
+from gpt_simple.fileio import (RecordsError, append_jsonl, drop_torn_line, fsync_dir, read_jsonl, strict_json,
+                               truncate_jsonl, write_atomic, write_durable, write_json_atomic)
 
-__all__ = ["RunDir", "is_run", "append_jsonl", "fsync_dir", "read_jsonl", "strict_json", "truncate_jsonl",
+__all__ = ["RunDir", "is_run", "quarantined", "RecordsError", "drop_torn_line", "append_jsonl", "fsync_dir", "read_jsonl", "strict_json", "truncate_jsonl",
            "write_atomic", "write_durable", "write_json_atomic"]
 
 
@@ -54,3 +55,15 @@ class RunDir:
 
 def is_run(path: str | Path) -> bool:
     return RunDir(path).state.exists()
+
+
+# A checkpoint that failed to load as damaged is moved aside (checkpoint/loader.py) as corrupt-NAME, or
+# corrupt-NAME-SECONDS when a checkpoint of that name was moved aside before.
+QUARANTINED_RE = re.compile(r"^corrupt-step-(\d+)(?:-shutdown|-final)?(?:-\d+)?$")
+
+
+def quarantined(checkpoints: Path) -> list[tuple[str, int]]:
+    """(folder name, step) of every damaged checkpoint moved aside under a run's checkpoints folder."""
+    root = Path(checkpoints)
+    found = [(p.name, QUARANTINED_RE.match(p.name)) for p in sorted(root.iterdir())] if root.is_dir() else []
+    return [(name, int(m.group(1))) for name, m in found if m and (root / name).is_dir()]

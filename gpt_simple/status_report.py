@@ -31,7 +31,7 @@ from pathlib import Path
 
 from gpt_simple.lease import describe as describe_holder
 from gpt_simple.lease import live_holder
-from gpt_simple.run_dir import RunDir, is_run
+from gpt_simple.run_dir import RunDir, is_run, quarantined
 from gpt_simple.run_state import (COMPLETED, CRASHED, ERROR, HALTED, RUNNING, STOPPED, StateFileError,
                                   effective_status, read_state)
 
@@ -186,9 +186,12 @@ def _status(argv: list[str]) -> int:
     now = time.time()
     status, why = effective_status(state, now)
     if args.json:
-        print(json.dumps({**state, "status": status, "recorded_status": state["status"], "status_reason": why},
-                         indent=1))
+        print(json.dumps({**state, "status": status, "recorded_status": state["status"], "status_reason": why,
+                          "quarantined": [n for n, _ in quarantined(RunDir(out).checkpoints)]}, indent=1))
     else:
         line = goodput(Path(out))
-        print(summary(state, status, why, now) + (f"\ngoodput   {line}" if line else ""))
+        aside = quarantined(RunDir(out).checkpoints)
+        print(summary(state, status, why, now) + (f"\ngoodput   {line}" if line else "") +
+              (f"\ndamaged   {', '.join(n for n, _ in aside)} (moved aside, never loaded; removed once newer saves "
+               f"commit)" if aside else ""))
     return EXIT_OK

@@ -146,6 +146,8 @@ class Trainer:
             self.record_fallbacks(getattr(e, "failures", []))
             raise
         self.record_fallbacks(failures)
+        if self.ckpt.unchecked:
+            self.journal.event(events.CheckpointUnchecked(checkpoint=info.name, reason=self.ckpt.unchecked))
         load_s = self.clock.last["load"]
         log.info(f"resumed from {info.name} (step {self.train.step}, {self.train.tokens} tokens; "
                  f"loaded in {load_s:.2f}s)")
@@ -304,6 +306,11 @@ class Trainer:
             return
         overruled = self.clock.record_save(record["total_s"], record["async"], record["blocking_s"])
         self.journal.commit(events.Save.from_record(record))
+        if self.ckpt.quarantine_removed:
+            log.info(f"removed {', '.join(self.ckpt.quarantine_removed)}: damaged checkpoints whose steps are "
+                     f"saved again")
+            self.journal.event(events.QuarantineRemoved(names=self.ckpt.quarantine_removed))
+            self.ckpt.quarantine_removed = []
         self.announce_save_budget(overruled, record["total_s"])
         space = self.ckpt.space_warning()  # the next save will not fit: say so now, with figures
         if space:

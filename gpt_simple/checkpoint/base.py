@@ -52,5 +52,9 @@ class ManagerBase:
     def _agree_failed(self, error: BaseException | None) -> bool:
         return all_reduce_max([float(error is not None)], torch.device("cpu"), self.group)[0] > 0
 
+    def _agree_class(self, kind: int) -> int:
+        """The ranks' highest failure class (failures.py): every rank acts on the same one."""
+        return int(all_reduce_max([float(kind)], torch.device("cpu"), self.group)[0])
+
     def committed(self) -> list[CheckpointInfo]:
         return list_committed(self.root)

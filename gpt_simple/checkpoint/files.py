@@ -14,6 +14,7 @@ hyper-parameters) are read with torch.load(weights_only=True) instead of DCP's d
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import pickle
 import re
@@ -45,6 +46,7 @@ CHECKSUM_READ = 1 << 20  # bytes per read while hashing a block: small enough to
 _HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 _buffers = threading.local()
 META_FORMAT = 2
+CHECKSUMS_SINCE_FORMAT = 2  # every checkpoint of this meta.json format or later was committed with its CHECKSUMS
 KINDS = {"periodic": "", "shutdown": "-shutdown", "final": "-final"}
 NAME_RE = re.compile(r"^step-(\d+)(-shutdown|-final)?$")
 CORRUPT_PREFIX = "corrupt-"
@@ -59,6 +61,18 @@ class CheckpointError(RuntimeError):
 # DCP reports failures as CheckpointException, which derives from BaseException (not Exception): every place that
 # must survive a failed read or write catches both.
 DCP_ERRORS = (Exception, CheckpointException)
+
+# OS errors that say nothing about a checkpoint's files but about where they are read (I/O, permissions, memory,
+# timeouts, the network under a shared filesystem): never damage, re-raised as they are (see failures.py).
+ENVIRONMENT_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ESTALE, errno.ENOMEM,
+                      errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH,
+                      errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOLINK, errno.EREMOTEIO}
+
+
+def raise_if_environment(error: BaseException) -> None:
+    """Inside an `except` that turns read failures into damage: let the environment's failures through."""
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        raise error
 
 
 def describe_error(error: BaseException) -> str:
@@ -119,10 +133,20 @@ def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((Path(path) / META).read_text())
     except (OSError, ValueError) as e:
+        raise_if_environment(e)
         raise CheckpointError(f"{path}: unreadable {META} ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: unreadable {META} (not a JSON object)")
     return meta if meta.get("format") == META_FORMAT else _upgrade_meta(meta)
+
+
+def written_format(path: Path) -> int:
+    """The meta.json format a checkpoint was written in (1: before the field existed); 0 when unreadable."""
+    try:
+        meta = json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(meta.get("format", 1)) if isinstance(meta, dict) else 0
 
 
 def _upgrade_meta(old: dict) -> dict:
@@ -213,6 +237,7 @@ def read_checksums(path: Path) -> dict[str, dict] | None:
                 not isinstance(files, dict):
             raise ValueError(f"unknown algorithm {record.get('algorithm')!r} / block size {record.get('block_bytes')}")
     except (OSError, ValueError, KeyError, TypeError) as e:
+        raise_if_environment(e)
         raise CheckpointError(f"{file}: unreadable checksums ({describe_error(e)})") from None
     return files
 
@@ -227,6 +252,7 @@ def verify_files(path: Path, expected: dict[str, dict], names=None) -> None:
         try:
             size = file.stat().st_size
         except OSError as e:
+            raise_if_environment(e)
             raise ChecksumMismatch(f"{file}: unreadable ({describe_error(e)})", name) from None
         if size != expected[name].get("bytes"):
             raise ChecksumMismatch(f"{file}: checksum mismatch ({size} bytes, {expected[name].get('bytes')} "
@@ -234,6 +260,7 @@ def verify_files(path: Path, expected: dict[str, dict], names=None) -> None:
     try:
         got = checksum_files(path, names)
     except OSError as e:
+        raise_if_environment(e)
         raise ChecksumMismatch(f"{path}: unreadable ({describe_error(e)})", "") from None
     for name in names:
         want = expected[name].get("crc32") or []
@@ -346,6 +373,7 @@ def read_dcp_metadata(path: Path) -> Metadata:
         return SafeFileSystemReader(path).read_metadata()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError, IndexError,
             CheckpointError) as e:
+        raise_if_environment(e)
         raise CheckpointError(f"{path}: unreadable DCP metadata ({describe_error(e)})") from None
 
 

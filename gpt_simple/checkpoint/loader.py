@@ -1,5 +1,7 @@
-"""Loading a checkpoint into the run's parts: verified (checksums, manifests before any tensor), and the fallback
-to the checkpoint before when one is damaged (the damaged ones are moved aside as corrupt-NAME)."""
+"""Loading a checkpoint into the run's parts: verified (checksums, manifests before any tensor), and what a failed
+load leads to (failures.py classifies it, the ranks agree): damage falls back to the checkpoint before and moves
+the damaged one aside as corrupt-NAME; a failure of the environment (memory, storage, network) ends the launch as a
+transient failure and touches nothing; a bug ends it in ERROR and touches nothing."""
 from __future__ import annotations
 
 import json
@@ -11,9 +13,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from gpt_simple.checkpoint.base import ManagerBase
-from gpt_simple.checkpoint.files import (CORRUPT_PREFIX, DCP_ERRORS, META, CheckpointError, CheckpointInfo,
-                                         SafeFileSystemReader, SafeLoadPlanner, describe_error, read_checksums,
-                                         read_dcp_metadata, read_meta, verify_files)
+from gpt_simple.checkpoint.failures import BUG, DAMAGE, ENVIRONMENT, LoadUnavailable, classify
+from gpt_simple.checkpoint.files import (CHECKSUMS, CHECKSUMS_SINCE_FORMAT, CORRUPT_PREFIX, DCP_ERRORS, META,
+                                         CheckpointError, CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner,
+                                         describe_error, raise_if_environment, read_checksums, read_dcp_metadata,
+                                         read_meta, verify_files, written_format)
 from gpt_simple.config import ConfigError
 from gpt_simple.data.curriculum import DataError
 from gpt_simple.runtime import log
@@ -29,6 +33,7 @@ class Loading(ManagerBase):
 
     def _init_loading(self, verify: bool) -> None:
         self.verify = verify  # check a checkpoint's CHECKSUMS before loading it (training.verify_checkpoints)
+        self.unchecked: str | None = None  # a checkpoint loaded without checksums (its format predates them): why
 
     def load(self, info: CheckpointInfo) -> None:
         """Load every part from `info`: the sharded parts' manifests first (a different architecture raises
@@ -54,7 +59,7 @@ class Loading(ManagerBase):
             dcp.load(state, storage_reader=SafeFileSystemReader(str(info.path)), planner=SafeLoadPlanner(),
                      **self._scope())
         except DCP_ERRORS as e:
-            raise CheckpointError(f"{info.path}: cannot read the checkpoint ({describe_error(e)})") from None
+            raise self._read_failure(info, e) from None
         # DCP's files are checked after DCP has read them (safely) into `state`, before any part takes them: the
         # bytes are in the page cache by then, and a file refused by the safe readers keeps that reason
         self._verify(info, tensors=True)
@@ -65,6 +70,7 @@ class Loading(ManagerBase):
             try:
                 part.load_state_dict(json.loads(path.read_text()) if path.exists() else None)
             except (OSError, KeyError, TypeError, ValueError) as e:
+                raise_if_environment(e)
                 raise CheckpointError(f"{path}: unusable ({describe_error(e)})") from None
         self.last_saved_step = meta["step"]
         self.last_committed = info
@@ -79,6 +85,8 @@ class Loading(ManagerBase):
         error: str | None = None
         try:
             expected = read_checksums(info.path)
+            if expected is None and not tensors:
+                self._without_checksums(info)
             if expected is not None:
                 world = dist.get_world_size(self.group) if not self.solo else 1
                 rank = dist.get_rank(self.group) if not self.solo else 0
@@ -92,6 +100,45 @@ class Loading(ManagerBase):
             error = next((e for e in gathered if e), None)
         if error:
             raise CheckpointError(error)
+
+    def _without_checksums(self, info: CheckpointInfo) -> None:
+        """Only a checkpoint written before checksums existed may lack them; for any later one the file is missing
+        (an incomplete copy, a tampered folder): damage."""
+        written = written_format(info.path)
+        if written == 0:
+            raise CheckpointError(f"{info.path}: unreadable {META}")
+        if written >= CHECKSUMS_SINCE_FORMAT:
+            raise CheckpointError(f"{info.path}: no {CHECKSUMS} (every checkpoint of format {CHECKSUMS_SINCE_FORMAT} "
+                                  f"or later has one; this one is format {written}: incomplete or altered)")
+        self.unchecked = (f"checkpoint {info.name} predates checksums (format {written}): loaded without "
+                          f"verifying its files")
+        log.warning(self.unchecked)
+
+    def _read_failure(self, info: CheckpointInfo, error: BaseException) -> BaseException:
+        """What DCP's failure to read `info` was. An exception that does not say (a RuntimeError out of torch's
+        deserialisation) is damage only where the checksums prove it; otherwise it is left to be the bug it is."""
+        kind, why = classify(error), describe_error(error)
+        if kind == ENVIRONMENT:
+            return LoadUnavailable(f"{info.path}: cannot read the checkpoint ({why})")
+        if kind == DAMAGE:
+            return CheckpointError(f"{info.path}: cannot read the checkpoint ({why})")
+        proof = self._checksum_proof(info)
+        return CheckpointError(f"{proof} (reading it: {why})") if proof else error
+
+    def _checksum_proof(self, info: CheckpointInfo) -> str | None:
+        """This rank's check of every DCP file against CHECKSUMS: the mismatch, or None (verified, or nothing to
+        verify against). Local, no collective: only the failure path runs it."""
+        if not self.verify:
+            return None
+        try:
+            expected = read_checksums(info.path)
+            if expected is not None:
+                verify_files(info.path, expected, [n for n in expected if _is_dcp_file(n)])
+        except CheckpointError as e:
+            return str(e)
+        except OSError:
+            return None
+        return None
 
     def load_latest(self, candidates: list[CheckpointInfo]) -> tuple[CheckpointInfo, list[tuple[str, str]]]:
         """Load the newest candidate that every rank can load; (the one loaded, [(name, error) of the newer
@@ -108,11 +155,18 @@ class Loading(ManagerBase):
                 raise
             except DCP_ERRORS as e:  # agree across ranks before deciding
                 error = e
-            if not self._agree_failed(error):
+            verdict = self._agree_class(classify(error))
+            if verdict == 0:
                 self._quarantine([f for f, _ in failed])
                 return info, [(f.name, why) for f, why in failed]
             why = describe_error(error) if error is not None and not isinstance(error, CheckpointError) else \
                 str(error) if error is not None else "failed to load on another rank"
+            if verdict == ENVIRONMENT:
+                raise LoadUnavailable(f"checkpoint {info.name} could not be read ({why}); it is left as it is, "
+                                      f"and the next launch tries it again") from None
+            if verdict == BUG:
+                raise RuntimeError(f"loading checkpoint {info.name} failed ({why}); not damage (its files "
+                                   f"verify), so it is left as it is") from error
             log.warning(f"checkpoint {info.name} failed to load ({why}); falling back to the one before")
             failed.append((info, why))
         err = CheckpointError(f"no checkpoint under {self.root} could be loaded "

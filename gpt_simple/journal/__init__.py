@@ -10,12 +10,14 @@ nothing, so no caller checks its rank before recording.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from gpt_simple.journal import events
 from gpt_simple.journal.events import Event
-from gpt_simple.run_dir import RunDir, append_jsonl, truncate_jsonl, write_atomic, write_json_atomic
+from gpt_simple.run_dir import (RunDir, append_jsonl, drop_torn_line, truncate_jsonl, write_atomic,
+                                write_json_atomic)
 from gpt_simple.run_state import RunState
 
 
@@ -75,6 +77,16 @@ class Journal:
                                            **record.fields()})
 
     # -- the launch's own files ----------------------------------------------------------------------------------
+    def drop_torn_lines(self) -> None:
+        """Before this launch appends to the run's logs: a last line a kill tore is dropped, said and recorded (the
+        next record would otherwise be glued to it); a bad line anywhere else stops the launch (RecordsError)."""
+        for path in (self.run_dir.events, self.run_dir.metrics, self.run_dir.audit):
+            torn = drop_torn_line(path)
+            if torn is not None:
+                line, text = torn
+                logging.getLogger("gpt_simple").warning(f"{path}: dropped its last line ({line}), torn by a kill: {text[:80]!r}")
+                self.event(events.TornLineDropped(file=path.name, line=line, text=text[:200]))
+
     def begin(self, cfg, config_toml: str, resume_step: int) -> None:
         """Before the first step: config.toml of this launch, a HALTED marker the config now overrides, the
         audit and the metric sinks trimmed to the resumed step and opened."""

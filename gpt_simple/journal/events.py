@@ -142,6 +142,39 @@ class CheckpointFallback(Event):
 
 
 @dataclass
+class TornLineDropped(Event):
+    """The last line of a run log, torn by a kill, dropped before this launch appended to the log."""
+    kind: ClassVar[str] = "torn_line_dropped"
+    file: str
+    line: int
+    text: str
+
+
+@dataclass
+class CollectiveTimeoutUnavailable(Event):
+    """training.collective_timeout_seconds could not be applied: the groups keep the set-up bound."""
+    kind: ClassVar[str] = "collective_timeout_unavailable"
+    seconds: float
+    kept_s: float
+    why: str
+
+
+@dataclass
+class CheckpointUnchecked(Event):
+    """A checkpoint loaded without verifying its files: it was written before checksums existed."""
+    kind: ClassVar[str] = "checkpoint_unchecked"
+    checkpoint: str
+    reason: str
+
+
+@dataclass
+class QuarantineRemoved(Event):
+    """Retention removed checkpoints moved aside as damaged: newer saves have committed the work they held."""
+    kind: ClassVar[str] = "quarantine_removed"
+    names: list
+
+
+@dataclass
 class Save(Event):
     """A committed checkpoint (the manager's commit record)."""
     kind: ClassVar[str] = "save"

@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from gpt_simple.checkpoint import CheckpointError, list_committed
-from gpt_simple.checkpoint.files import (CHECKSUM_BLOCK, CHECKSUMS, ChecksumMismatch, checkpoint_files,
+from gpt_simple.checkpoint.files import (CHECKSUM_BLOCK, CHECKSUMS, META, ChecksumMismatch, checkpoint_files,
                                          file_checksum, read_checksums, verify_checkpoint, verify_files)
 from gpt_simple.checkpoint.verify import verify_main
 from helpers.checkpoint import flip_tensor_byte, tiny_trained_manager
@@ -62,13 +62,31 @@ def test_size_change_and_missing_file_are_named(tmp_path):
     assert e.value.file == ".metadata"
 
 
-def test_a_checkpoint_without_checksums_still_loads_and_verification_can_be_off(tmp_path):
+def format_1(meta: dict) -> dict:
+    """meta.json as the first layout wrote it (every part's fields at the top level, no "format"): what read_meta
+    upgrades (checkpoint/files.py)."""
+    run, train, model = meta.get("run") or {}, meta.get("train") or {}, meta.get("model") or {}
+    old = {"step": meta["step"], "kind": meta["kind"], "saved_at": meta["saved_at"], "tokens": train.get("tokens"),
+           "config": run.get("config"), "world_size": run.get("world_size"), "tokenizer": run.get("tokenizer"),
+           "data": meta.get("data"), **model}
+    return old
+
+
+def test_only_a_checkpoint_older_than_checksums_loads_without_them_and_verification_can_be_off(tmp_path):
+    """A checkpoint of the current format without CHECKSUMS is damage (an incomplete copy, an altered folder); one
+    written in the format before checksums existed loads, unchecked, and says so."""
     mgr, model, _ = tiny_trained_manager(tmp_path)
     mgr.save(1, "final")
     ckpt = list_committed(mgr.root)[-1]
-    (ckpt.path / CHECKSUMS).unlink()  # as saved before checksums existed
+    (ckpt.path / CHECKSUMS).unlink()
     assert verify_checkpoint(ckpt.path) is False
+    with pytest.raises(CheckpointError, match=f"no {CHECKSUMS} .*format 2"):
+        mgr.load(ckpt)
+    meta = json.loads((ckpt.path / META).read_text())
+    (ckpt.path / META).write_text(json.dumps(format_1(meta)))  # as saved before checksums existed
+    assert mgr.unchecked is None
     mgr.load(ckpt)
+    assert mgr.unchecked == "checkpoint step-1-final predates checksums (format 1): loaded without verifying its files"
 
     mgr.save(2, "final")
     ckpt = list_committed(mgr.root)[-1]

@@ -85,7 +85,7 @@ def test_the_other_ranks_journal_writes_nothing(tmp_path):
              "audit": dict(step=1, spans=[]), "halted": dict(detail={}), "not_halted": {},
              "step": dict(record=step_record(1)), "evaluation": dict(record={}, seconds=1.0),
              "commit": dict(save=None), "end": dict(ending=events.Stop(reason="signal SIGTERM", step=1)),
-             "close": {}, "follow": dict(clock=None)}
+             "close": {}, "follow": dict(clock=None), "drop_torn_lines": {}}
     assert set(calls) == set(WRITES)
     for name, kwargs in calls.items():
         getattr(silent, name)(**kwargs)
