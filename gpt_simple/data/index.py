@@ -30,6 +30,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import mmap
 import os
 import socket
@@ -75,7 +76,7 @@ def bucket_key(bucket: Bucket) -> str:
 
 
 def index_folder(bucket: Bucket) -> Path:
-    """BUCKET/.index if it can be written, else a cache folder of this user."""
+    """BUCKET/.index if it can be written, else a cache folder of this user (said once per bucket and process)."""
     folder = bucket.folder / INDEX_DIR
     try:
         folder.mkdir(exist_ok=True)
@@ -85,9 +86,16 @@ def index_folder(bucket: Bucket) -> Path:
         pass
     root = Path(os.environ.get("GPT_SIMPLE_INDEX_DIR") or Path.home() / ".cache" / "gpt-simple" / "index")
     tag = hashlib.sha256(str(bucket.folder.resolve()).encode()).hexdigest()[:16]
-    folder = root / f"{bucket.name}-{tag}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    cache = root / f"{bucket.name}-{tag}"
+    cache.mkdir(parents=True, exist_ok=True)
+    if str(folder) not in _CACHED:
+        _CACHED.add(str(folder))
+        logging.getLogger("gpt_simple").warning(f"{folder}: cannot be written; the order of bucket "
+                                                f"{bucket.name!r} is built in {cache} instead")
+    return cache
+
+
+_CACHED: set[str] = set()
 
 
 def _perm_dtype(n_docs: int) -> np.dtype:
@@ -246,24 +254,29 @@ def _unlock(fd) -> None:
 
 
 def open_order(bucket: Bucket, seed: int, pass_: int, key: str | None = None, bad_inode=None) -> Order:
-    """The order of `pass_` over `bucket`, built if missing or failing its checks (never a damaged one)."""
+    """The order of `pass_` over `bucket`, built if missing or failing its checks (never a damaged one). A valid
+    order beside the bucket is used even where the bucket is read-only; only building needs a writable folder."""
     key = key or bucket_key(bucket)
-    folder = index_folder(bucket)
-    path = folder / f"order-seed{seed}-pass{pass_}.bin"
+    name = f"order-seed{seed}-pass{pass_}.bin"
     n_docs, total = bucket.n_docs, bucket.n_tokens + bucket.n_docs
     expect = {"bucket": bucket.name, "seed": seed, "pass": pass_, "n_docs": n_docs, "total": total, "key": key}
 
-    def attempt() -> Order | None:
+    def attempt(path: Path) -> Order | None:
         try:
             order = Order(path, n_docs, total, expect)
-        except (FileNotFoundError, IndexCorrupt):
+        except (FileNotFoundError, NotADirectoryError, IndexCorrupt):
             return None
         if bad_inode is not None and order.inode == bad_inode:
             order.close()
             return None
         return order
 
-    order = attempt()
+    order = attempt(bucket.folder / INDEX_DIR / name)
+    if order is not None:
+        return order
+    folder = index_folder(bucket)
+    path = folder / name
+    order = attempt(path) if folder != bucket.folder / INDEX_DIR else None
     if order is not None:
         return order
     with _THREAD_LOCKS_GUARD:  # POSIX locks are per process: threads of one process queue here first
@@ -271,7 +284,7 @@ def open_order(bucket: Bucket, seed: int, pass_: int, key: str | None = None, ba
     with thread_lock:
         fd = _lock(folder / f"{path.name}.lock")
         try:
-            order = attempt()  # another process may have built it while this one waited
+            order = attempt(path)  # another process may have built it while this one waited
             if order is None:
                 build(bucket, seed, pass_, key, path)
                 order = Order(path, n_docs, total, expect)

@@ -4,10 +4,11 @@ A failed checkpoint load is classified before anything is touched (gpt_simple/ch
 train.py processes and real files: a read the kernel fails with EIO (the environment) ends the launch as a transient,
 resumable failure and leaves the checkpoint where it is; a flipped byte (damage) falls back to the checkpoint before
 and moves the damaged one aside, which status.py lists and retention removes once the run has saved its steps again.
-A collective timeout torch cannot apply is announced. A run log's torn last line is dropped and recorded; a bad line
+A collective timeout torch cannot apply is announced. A read-only bucket's valid index is used as it is. A run log's torn last line is dropped and recorded; a bad line
 anywhere else stops the launch with one line naming the file and line, and nothing is rewritten.
 """
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from gpt_simple.checkpoint import COMMITTED, list_committed, read_dcp_metadata
 from gpt_simple.journal import events as ev
 from helpers.checkpoint import flip_tensor_byte
 from helpers.paths import PYTHON, ROOT
-from helpers.train import child_env, events, losses, run_train, status_word
+from helpers.train import TINY, child_env, events, losses, run_train, status_word, train_cmd
 
 ARGS = ("--training.save_steps", "2", "--training.keep_last_k", "2")
 
@@ -123,3 +124,39 @@ def test_a_torn_last_line_is_dropped_and_recorded_a_bad_line_elsewhere_is_an_err
         f"error: {metrics}, line 2: not a JSON record (Expecting value: line 1 column 21 (char 20)); "
         f"the file is damaged and nothing was rewritten")
     assert metrics.read_bytes() == before and status_word(out) == "ERROR"
+
+
+def can_mount_read_only(path: Path) -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{path}' '{path}'"],
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_read_only_bucket_with_a_valid_index_uses_it(tmp_path, demo_data):
+    """The data folder mounted read-only (a bind mount in the launch's own mount namespace: a real read-only
+    filesystem, where even root cannot write): the order index built beside each bucket by an earlier launch is
+    used as it is, nothing is rebuilt under the user's cache, and the run trains the same tokens."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns(".index"))
+    if not can_mount_read_only(data):
+        pytest.skip("this machine cannot make a read-only bind mount (needs CAP_SYS_ADMIN in a mount namespace)")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = child_env(HOME=str(home))
+    env.pop("GPT_SIMPLE_INDEX_DIR", None)
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_train(first, data, "--training.max_steps", "3", env=env)
+    indexes = sorted(p.relative_to(data) for p in data.glob("*/.index/order-*.bin"))
+    assert indexes, "the first launch builds each bucket's order beside it"
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+
+    cmd = train_cmd(*TINY, "--data.dir", str(data), "--data.demo", "false", "--training.output_dir", str(second),
+                    "--training.max_steps", "3")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{data}' '{data}' && exec \"$@\"",
+                           "sh", *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cannot be written" not in proc.stderr, proc.stderr
+    assert not (home / ".cache").exists()
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == before
+    assert losses(second) == losses(first)
