@@ -7,9 +7,13 @@ heartbeat and removes the file when the launch ends.
 
 A lease whose holder is gone is taken over: at once when the holder is on this host and its pid is gone,
 otherwise when its heartbeat is older than the stale limit `status.py` uses for CRASHED (the run state's
-stale_after_s, at least MIN_STALE_S). The take-over is race-free: the stale file is first renamed to a name
-unique to the taker (rename is atomic; of two takers only one can move it), then the taker competes for the
-O_EXCL create like any launch. Import-light (no torch): status.py reads it.
+stale_after_s, at least MIN_STALE_S). The take-over is race-free: a taker first creates `.LEASE.takeover`
+(O_EXCL: one taker at a time), then reads the lease again and, if it is still the stale one it judged, replaces it
+with its own in one atomic rename. The lease file never disappears in between, so no launch's O_EXCL create can
+slip in beside the taker (moving the stale file aside first left such a gap: two holders, found by
+tests/unit/test_lease.py's race of real processes). A takeover file left by a taker that died (older than
+TAKEOVER_STALE_S; a take-over takes milliseconds) is removed by the next taker. Import-light (no torch): status.py
+reads it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from gpt_simple.run_dir import RunDir
 from gpt_simple.run_state import MIN_STALE_S, SETUP_STALE_S, _pid_alive
 
 EXIT_HELD = 75  # EX_TEMPFAIL: another live job holds this run; this launch wrote nothing
+TAKEOVER_STALE_S = 30.0
 
 
 class LeaseHeld(Exception):
@@ -107,6 +112,15 @@ def live_holder(output_dir: str | Path, now: float | None = None) -> dict | None
     return holder
 
 
+def _remove_if_stale(lock: Path) -> None:
+    """A takeover file whose taker died holding it (take-overs take milliseconds) would block every later one."""
+    try:
+        if time.time() - lock.stat().st_mtime > TAKEOVER_STALE_S:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+
+
 class Lease:
     """This launch's lease on output_dir. acquire() or LeaseHeld; refresh() with each heartbeat; release()."""
 
@@ -118,6 +132,7 @@ class Lease:
                        "token": uuid.uuid4().hex, "started_at": now, "heartbeat_at": now}
         self.held = False
         self.taken_over: dict | None = None  # the stale holder this launch replaced, with why
+        self.lost_races = 0  # take-overs this launch found another taker at (or done) before it
 
     def _create(self) -> bool:
         try:
@@ -126,7 +141,7 @@ class Lease:
             return False
         return True
 
-    def acquire(self, attempts: int = 5) -> "Lease":
+    def acquire(self, attempts: int = 50) -> "Lease":
         for _ in range(attempts):
             if self._create():
                 self.held = True
@@ -137,26 +152,33 @@ class Lease:
             why = holder_gone(holder, self.output_dir)
             if why is None:
                 raise LeaseHeld(holder, self.path)
-            # Take-over: move the stale file aside under a name only this launch uses. Of several takers
-            # only one rename succeeds; the others find no file (or a fresh one) and compete in _create.
-            aside = self.path.with_name(f".LEASE.stale.{self.holder['token']}")
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                continue
-            moved = read_holder(aside)
-            if moved is not None and moved.get("token") != holder.get("token"):
-                # A fresh lease replaced the stale one between our read and our rename: put it back.
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass
-                aside.unlink(missing_ok=True)
-                continue
-            aside.unlink(missing_ok=True)
-            self.taken_over = {**(holder or {}), "why": why}
+            if self._take_over(holder):
+                self.held, self.taken_over = True, {**holder, "why": why}
+                return self
+            time.sleep(0.01)  # another taker is at it: its lease, once written, is live and refuses this one
         holder = read_holder(self.path) or {}
         raise LeaseHeld(holder, self.path)
+
+    def _take_over(self, stale: dict) -> bool:
+        """Replace the stale lease by this one, if this launch gets the takeover file and the lease is still the
+        stale one it judged. False when another taker is at it or has been (self.lost_races counts it)."""
+        lock = self.path.with_name(".LEASE.takeover")
+        try:
+            create_durable(lock, self.holder["token"] + "\n")
+        except FileExistsError:
+            self.lost_races += 1
+            _remove_if_stale(lock)
+            return False
+        try:
+            current = read_holder(self.path)
+            if current is None or current.get("token") != stale.get("token") or \
+                    current.get("heartbeat_at") != stale.get("heartbeat_at"):
+                self.lost_races += 1  # replaced (or refreshed) since this launch judged it stale
+                return False
+            write_json_atomic(self.path, self.holder)  # one rename: the lease file is never missing
+            return True
+        finally:
+            lock.unlink(missing_ok=True)
 
     def refresh(self) -> None:
         """With the run's heartbeat. If the lease is no longer ours (taken over after we looked stale), say so

@@ -25,6 +25,9 @@ EVAL = ("--training.peak_flops", "1e12", "--training.max_steps", "9", "--trainin
         "--eval.tokens", "512")
 ON = ("--eval.every_steps", "2", "--eval.at_end", "true")
 GPT_SIMPLE = str(Path(PYTHON).with_name("gpt-simple"))
+# The chains' launches are slowed through the test seam, so a signal or a kill sent after step k lands mid-run on
+# any machine (the tests assert it did); the drill only waits, so the records are those of an undrilled run.
+SLOW_STEPS = {"GPT_SIMPLE_DRILL": "step=0.3"}
 
 
 def train_records(out) -> list[dict]:
@@ -63,11 +66,12 @@ def test_eval_changes_nothing_and_a_stopped_chain_records_the_same_evaluations(t
 
     # SIGTERM twice, each right after an evaluation was due: the chain's records equal the reference's
     for stop_after in (2, 5):
-        proc = start_train(chain, demo_data, *EVAL, *ON)
+        proc = start_train(chain, demo_data, *EVAL, *ON, env=child_env(**SLOW_STEPS))
         wait_for_step(chain, stop_after, proc)
         proc.send_signal(signal.SIGTERM)
         assert finish(proc)[0] == 0
-        assert status_word(chain) in ("STOPPED", "COMPLETED")
+        assert status_word(chain) == "STOPPED"  # the signal landed mid-run: the launch did not finish the run
+        assert stop_after <= max(r["step"] for r in metrics(chain)) < 9
     run_train(chain, demo_data, *EVAL, *ON)
     assert status_word(chain) == "COMPLETED"
     assert eval_records(chain) == reference
@@ -81,10 +85,11 @@ def test_a_killed_chain_records_the_same_evaluations_each_once(tmp_path, demo_da
     on, chain = tmp_path / "on", tmp_path / "chain"
     run_train(on, demo_data, *EVAL, *ON)
     for kill_after in (3, 6):
-        proc = start_train(chain, demo_data, *EVAL, *ON, "--training.save_steps", "2")
+        proc = start_train(chain, demo_data, *EVAL, *ON, "--training.save_steps", "2", env=child_env(**SLOW_STEPS))
         wait_for_step(chain, kill_after, proc)
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL  # killed, not finished: the kill landed mid-run
+        assert status_word(chain) != "COMPLETED" and kill_after <= max(r["step"] for r in metrics(chain)) < 9
     run_train(chain, demo_data, *EVAL, *ON, "--training.save_steps", "2")
     assert status_word(chain) == "COMPLETED"
     assert eval_records(chain) == eval_records(on)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "gpt_simple"
 # Renames of whole directories (a checkpoint's commit, retention's and quarantine's moves, a bucket build's
-# publication and its claim of a killed build's folder) and the lease's take-over (rename aside, link back).
+# publication and its claim of a killed build's folder). The lease's take-over replaces the file through fileio.
 DIRECTORY_RENAMES = {"checkpoint/saver.py": 2, "checkpoint/retention.py": 1, "checkpoint/loader.py": 1,
-                     "data/prepare/writer.py": 2, "data/prepare/folder.py": 1, "lease.py": 2}
+                     "data/prepare/writer.py": 2, "data/prepare/folder.py": 1}
 
 
 def sources():
