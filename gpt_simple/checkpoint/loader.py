@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from gpt_simple.checkpoint.base import ManagerBase
-from gpt_simple.checkpoint.files import (CORRUPT_PREFIX, DCP_ERRORS, META, CheckpointError, CheckpointInfo,
+from gpt_simple.checkpoint.chain import read_link
+from gpt_simple.checkpoint.files import (COMMITTED, CORRUPT_PREFIX, DCP_ERRORS, META, CheckpointError, CheckpointInfo,
                                          SafeFileSystemReader, SafeLoadPlanner, describe_error, read_checksums,
                                          read_dcp_metadata, read_meta, verify_files)
 from gpt_simple.config import ConfigError
@@ -68,6 +69,11 @@ class Loading(ManagerBase):
                 raise CheckpointError(f"{path}: unusable ({describe_error(e)})") from None
         self.last_saved_step = meta["step"]
         self.last_committed = info
+        link = read_link(info.path / COMMITTED)
+        self.chain = (info.name, link) if link is not None else None
+        if link is None and self.rank == 0:
+            log.warning(f"{info.name} predates the checkpoint digest chain: the chain starts afresh at the next "
+                        f"commit")
 
     def _verify(self, info: CheckpointInfo, tensors: bool) -> None:
         """Check the checkpoint's files against CHECKSUMS.json: its JSON files (tensors=False) or DCP's files

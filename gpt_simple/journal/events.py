@@ -141,11 +141,14 @@ class Save(Event):
     blocking_s: float
     total_s: float
     bytes: int | None
+    # the digest chain (gpt_simple/checkpoint/chain.py); absent from saves that predate it
+    digest: str | None = optional()
+    previous_digest: str | None = optional()
 
     @classmethod
     def from_record(cls, record: dict) -> "Save":
         return cls(record["checkpoint"], record["step"], record["type"], record["async"], record["blocking_s"],
-                   record["total_s"], record["bytes"])
+                   record["total_s"], record["bytes"], record.get("digest"), record.get("previous_digest"))
 
 
 @dataclass
