@@ -58,7 +58,7 @@ def recorded_saves(path: Path) -> dict[str, dict] | None:
     is not inside a run folder (then only each checkpoint's own link is checked)."""
     for run in (path, path.parent, path.parent.parent):
         if RunDir(run).events.exists():
-            saves = [e for e in read_jsonl(RunDir(run).events) if e.get("event") == events.Save.kind]
+            saves = events.records_of(read_jsonl(RunDir(run).events), events.Save)
             return {e["digest"]: e for e in saves if e.get("digest")}
     return None
 

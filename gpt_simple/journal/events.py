@@ -210,3 +210,9 @@ class TransientFailure(Event):
 
 CATALOGUE: dict[str, type[Event]] = {cls.kind: cls for cls in Event.__subclasses__()}
 ENDINGS = (Complete.kind, Stop.kind, Halt.kind, Error.kind)  # the last event of a launch that ended on its own
+
+
+def records_of(records: list[dict], *kinds: type[Event]) -> list[dict]:
+    """The events.jsonl records (read back as dicts) of these kinds, in order."""
+    names = {kind.kind for kind in kinds}
+    return [r for r in records if isinstance(r, dict) and r.get("event") in names]
