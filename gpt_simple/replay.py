@@ -99,9 +99,9 @@ def writers(run: RunDir) -> list[dict]:
     return [v for n, v in sorted(info.items(), key=lambda kv: kv[0] or 0) if n in trained]
 
 
-def provenance(plan: Plan, world_size: int) -> list[str]:
-    """One line per launch whose records the replay is compared with."""
-    launches, lines = writers(plan.run), []
+def provenance(plan: Plan, world_size: int) -> tuple[list[str], bool]:
+    """One line per launch whose records the replay is compared with; whether any ran on another world size."""
+    launches, lines, other_world = writers(plan.run), [], False
     by_launch: dict[int, list[int]] = {}
     for step in sorted(plan.recorded):
         writer = next((w for w in reversed(launches) if w["start"] < step), None)
@@ -115,11 +115,12 @@ def provenance(plan: Plan, world_size: int) -> list[str]:
         how = (f"which resumed from {plan.checkpoint.name}" if w["resumed"] == plan.checkpoint.name
                else f"which trained through step {plan.checkpoint.step} (it started from "
                     f"{w['resumed'] or 'scratch'})")
+        other_world |= w["world_size"] != world_size
         same = "the same world size" if w["world_size"] == world_size else \
             f"a different world size: replayed on {world_size}"
         lines.append(f"the run recorded {span} in launch {number} (world size {w['world_size']}, mesh "
                      f"{w['mesh']}), {how}; {same}")
-    return lines
+    return lines, other_world
 
 
 # -- the comparison ----------------------------------------------------------------------------------------------
@@ -252,12 +253,16 @@ def run_and_compare(plan: Plan, cfg, scratch: Path, rank: int, world: int, tol: 
         say(rank, f"error: the replay's training failed (exit {code}; its reason is above, its records in "
                   f"{scratch})", err=True)
         return 2
-    for line in provenance(plan, world):
+    lines, other_world = provenance(plan, world)
+    for line in lines:
         say(rank, f"replay: {line}")
     try:
         code, line = verdict(plan, read_jsonl(RunDir(scratch).metrics), tol)
     except ReplayError as e:
         say(rank, f"error: {e}", err=True)
         return 1
+    if code and other_world:  # FSDP's reductions add in another order on another world size: last bits differ
+        line += (" (recorded on another world size, whose reductions add in another order: replay on the run's "
+                 "world size for `exact`, or pass --tol, e.g. 1e-5)")
     say(rank, line)
     return code
