@@ -69,8 +69,11 @@ class Loading(ManagerBase):
                 raise CheckpointError(f"{path}: unusable ({describe_error(e)})") from None
         self.last_saved_step = meta["step"]
         self.last_committed = info
+        # The next commit chains to this one, if it is one of this run's (training.resume may name another run's
+        # checkpoint: that run's chain is not this one's, so this run's starts afresh).
         link = read_link(info.path / COMMITTED)
-        self.chain = (info.name, link) if link is not None else None
+        ours = info.path.resolve().parent == self.root.resolve()
+        self.chain = (info.name, link) if link is not None and ours else None
         if link is None and self.rank == 0:
             log.warning(f"{info.name} predates the checkpoint digest chain: the chain starts afresh at the next "
                         f"commit")

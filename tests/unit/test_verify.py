@@ -127,3 +127,40 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     (tmp_path / "checkpoints" / "step-2" / COMMITTED).write_text("{}")
     assert verify_main([str(tmp_path), "--replay", "2"], replay=replay_main) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}/config.toml: missing (not a run folder?)"
+
+
+def test_the_deterministic_switch():
+    """training.deterministic: deterministic kernels, and cuBLAS's workspace setting in place before CUDA starts."""
+    import os
+
+    import torch
+
+    from gpt_simple.parallel import make_deterministic
+    saved = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    try:
+        make_deterministic()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        if saved is not None:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved
+
+
+def test_each_commit_chains_to_the_checkpoint_saved_or_loaded_before(tmp_path):
+    """The manager's commits: the first starts the chain, the next links to it; after loading an older one the
+    next commit links to that; a checkpoint loaded from another run's folder starts a new chain."""
+    from gpt_simple.checkpoint import list_committed
+    from helpers.checkpoint import tiny_trained_manager
+    mgr, _, _ = tiny_trained_manager(tmp_path / "a")
+    first = mgr.save(1, "periodic")
+    second = mgr.save(2, "periodic")
+    links = {c.name: read_link(c.path / COMMITTED) for c in list_committed(mgr.root)}
+    assert first["previous_digest"] == GENESIS and second["previous_digest"] == first["digest"]
+    assert links["step-2"].previous == "step-1" and links["step-2"].digest == second["digest"]
+    mgr.load(list_committed(mgr.root)[0])
+    third = mgr.save(3, "final")
+    assert third["previous_digest"] == first["digest"]
+    other, _, _ = tiny_trained_manager(tmp_path / "b")
+    other.load(list_committed(mgr.root)[-1])  # training.resume naming another run's checkpoint
+    assert other.save(4, "final")["previous_digest"] == GENESIS
