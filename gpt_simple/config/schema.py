@@ -70,7 +70,7 @@ class OptimizerConfig:
 class TrainingConfig:
     output_dir: str = doc("outputs/run", "Run directory: checkpoints, run_state.json, metrics, logs.")
     max_steps: int = doc(600000, "Optimizer steps of the whole run (across every resumed job).")
-    stop_at_step: int = doc(0, "Stop (save, status STOPPED) on reaching this step, leaving max_steps and so the learning-rate schedule as they are; 0 = off. `gpt-simple verify --replay` trains its K steps with it.")
+    stop_at_step: int = doc(0, "Stop (save, status STOPPED) on reaching this step, leaving max_steps and so the learning-rate schedule as they are; 0 = off. `gpt-simple verify --replay` trains its K steps with it. Not for a chain of jobs: an orchestrator resubmits a STOPPED run, and each later job would stop at once.")
     global_batch_size: int = doc(512, "Sequences per optimizer step, whatever the world size.")
     micro_batch_size: int = doc(16, "Sequences per forward/backward on one rank; the rest is gradient accumulation.")
     seed: int = doc(1337, "Seed of the model initialisation (identical on every world size).")
