@@ -1,5 +1,5 @@
-"""`gpt-simple train | status | stop | prepare | validate | verify | eval | export | generate` (and the flat train.py /
-status.py scripts)."""
+"""`gpt-simple train | status | stop | prepare | validate | verify | eval | export | generate | report` (and the
+flat train.py / status.py scripts)."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,8 @@ commands:
   stop      DIR                                         ask a running job to save and exit
   prepare   INPUT... --out DIR --bucket NAME | --demo DIR   tokenize text into shards
   validate  --config FILE [overrides]                   check config and data demand without training
-  verify    OUTDIR | CHECKPOINT                         check checkpoints against their recorded checksums
+  verify    OUTDIR | CHECKPOINT                         check checkpoints' checksums and digest chain
+            RUN_DIR --replay K [--from step-N] [--tol T]   retrain K steps from a checkpoint, compare with the run
   eval      CHECKPOINT_OR_OUTPUT_DIR [--tokens N] [--json]   validation loss of a committed checkpoint
   export    CHECKPOINT OUT [--hf]                       consolidated safetensors weights + model config
   generate  --output-dir DIR | --checkpoint PATH        sample text from the newest checkpoint
@@ -93,7 +94,12 @@ def prepare_cmd(argv: list[str]) -> int:
 
 def verify_cmd(argv: list[str]) -> int:
     from gpt_simple.checkpoint.verify import verify_main
-    return verify_main(argv)
+
+    def replay(args) -> int:  # trains: imported only for --replay (the check alone stays light)
+        shutdown.install()
+        from gpt_simple.replay import replay_main
+        return replay_main(args)
+    return verify_main(argv, replay=replay)
 
 
 def export_cmd(argv: list[str]) -> int:

@@ -26,8 +26,8 @@ from gpt_simple.journal import Journal, events, open_journal
 from gpt_simple.lease import EXIT_HELD, Lease, LeaseHeld
 from gpt_simple.lease import describe as describe_holder
 from gpt_simple.checkpoint.failures import LoadUnavailable
-from gpt_simple.parallel import (Dist, init_distributed, is_fabric_failure, mesh_shape, set_collective_timeout,
-                                 shutdown_distributed)
+from gpt_simple.parallel import (Dist, init_distributed, is_fabric_failure, make_deterministic, mesh_shape,
+                                 set_collective_timeout, shutdown_distributed)
 from gpt_simple.run_dir import RecordsError, RunDir
 from gpt_simple.run_state import ERROR, STOPPED
 from gpt_simple.runtime import log, setup_logging
@@ -86,6 +86,8 @@ def run(cfg: Config, force: bool = False) -> int:
             drill = Drill.from_environ()  # the test seam: a malformed value is refused before anything is built
             clock = Clock(shutdown.resolve_deadline(t.max_runtime_seconds), t.walltime_reserve_seconds, drill)
             clock.mark("imports")  # the interpreter, torch and the package, from the process start
+            if t.deterministic:  # before CUDA starts (init_distributed picks the device)
+                make_deterministic()
             world = os.environ.get("WORLD_SIZE", "1")
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             d = setup_step(f"the process group ({world} ranks, store at {where})", t.setup_timeout_seconds,

@@ -47,6 +47,14 @@ def resolve_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def make_deterministic() -> None:
+    """training.deterministic: deterministic kernels only. cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA creates
+    its handle, so this runs before the device is chosen; without it a GPU's reductions may split differently from
+    one launch to the next, and a replay differs in the last bits."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def init_distributed(device_choice: str, timeout_s: float = 1800) -> Dist:
     """Join the torchrun job, or make a one-rank group so FSDP2 and DCP run the same code for world size 1."""
     rank = int(os.environ.get("RANK", 0))

@@ -93,7 +93,18 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Exited but not reaped: a torchrun worker whose agent was SIGKILLed is reparented to PID 1, and in some
+    containers PID 1 never reaps, so the dead worker keeps its pid (kill(pid, 0) succeeds) for ever."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:  # no /proc (macOS), or gone meanwhile
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def effective_status(state: dict, now: float | None = None) -> tuple[str, str | None]:

@@ -194,6 +194,8 @@ class Trainer:
             reason = self.stop_check(votes)
             if reason:
                 return LoopEnd(End.STOPPED, reason)
+            if 0 < self.cfg.training.stop_at_step <= self.train.step:  # the same on every rank: no agreement
+                return LoopEnd(End.STOPPED, f"training.stop_at_step {self.train.step} reached")
             self.clock.step_started()
             try:
                 batch = self.stream.next_batch()

@@ -24,6 +24,9 @@ class ManagerBase:
         self.root, self.parts, self.device, self.rank = Path(root), parts, device, rank
         self.last_saved_step: int | None = None
         self.last_committed: CheckpointInfo | None = None
+        # (name, chain.Link) of the newest checkpoint saved or loaded that carries a link: the next commit chains
+        # to it. None: the next commit starts the chain (a fresh run, or a resume from one that predates it).
+        self.chain: tuple | None = None
         # Background DCP collectives get their own gloo group so they never interleave with training's.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         # One process needs no collectives; DCP's plan exchange through gloo would also leave gloo's worker

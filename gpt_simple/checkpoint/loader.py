@@ -13,11 +13,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from gpt_simple.checkpoint.base import ManagerBase
+from gpt_simple.checkpoint.chain import read_link
 from gpt_simple.checkpoint.failures import BUG, DAMAGE, ENVIRONMENT, LoadUnavailable, classify
-from gpt_simple.checkpoint.files import (CHECKSUMS, CHECKSUMS_SINCE_FORMAT, CORRUPT_PREFIX, DCP_ERRORS, META,
-                                         CheckpointError, CheckpointInfo, SafeFileSystemReader, SafeLoadPlanner,
-                                         describe_error, raise_if_environment, read_checksums, read_dcp_metadata,
-                                         read_meta, verify_files, written_format)
+from gpt_simple.checkpoint.files import (CHECKSUMS, CHECKSUMS_SINCE_FORMAT, COMMITTED, CORRUPT_PREFIX, DCP_ERRORS,
+                                         META, CheckpointError, CheckpointInfo, SafeFileSystemReader,
+                                         SafeLoadPlanner, describe_error, raise_if_environment, read_checksums,
+                                         read_dcp_metadata, read_meta, verify_files, written_format)
 from gpt_simple.config import ConfigError
 from gpt_simple.data.curriculum import DataError
 from gpt_simple.runtime import log
@@ -74,6 +75,14 @@ class Loading(ManagerBase):
                 raise CheckpointError(f"{path}: unusable ({describe_error(e)})") from None
         self.last_saved_step = meta["step"]
         self.last_committed = info
+        # The next commit chains to this one, if it is one of this run's (training.resume may name another run's
+        # checkpoint: that run's chain is not this one's, so this run's starts afresh).
+        link = read_link(info.path / COMMITTED)
+        ours = info.path.resolve().parent == self.root.resolve()
+        self.chain = (info.name, link) if link is not None and ours else None
+        if link is None and self.rank == 0:
+            log.warning(f"{info.name} predates the checkpoint digest chain: the chain starts afresh at the next "
+                        f"commit")
 
     def _verify(self, info: CheckpointInfo, tensors: bool) -> None:
         """Check the checkpoint's files against CHECKSUMS.json: its JSON files (tensors=False) or DCP's files

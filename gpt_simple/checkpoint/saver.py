@@ -22,6 +22,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from gpt_simple.checkpoint.files import (CHECKSUM_ALGORITHM, CHECKSUM_BLOCK, CHECKSUM_PART, CHECKSUMS, COMMITTED,
                                          DCP_ERRORS, META, META_FORMAT, TMP_PREFIX, CheckpointError, CheckpointInfo,
                                          checkpoint_files, checkpoint_name, checksum_files, describe_error)
+from gpt_simple.checkpoint.chain import make_link
 from gpt_simple.checkpoint.retention import Retention
 from gpt_simple.drill import Drill
 from gpt_simple.fileio import fsync_dir, write_durable
@@ -271,12 +272,14 @@ class Saving(Retention):
             p.future.exception() if p.future is not None else None)
         if self._agree_failed(error):
             self._raise_failed(p.info, p.tmp, error)
-        size, replaced = None, None
+        size, replaced, link = None, None, None
         if self.rank == 0:
             try:
-                self._write_checksums(p.tmp)
+                files = self._write_checksums(p.tmp)
                 size = _dir_bytes(p.tmp)
-                write_durable(p.tmp / COMMITTED, json.dumps({"committed_at": time.time()}))
+                before = self.chain
+                link = make_link(files, before[1] if before else None, before[0] if before else None)
+                write_durable(p.tmp / COMMITTED, json.dumps({"committed_at": time.time(), **link.record()}))
                 fsync_dir(p.tmp)
                 # the commit protocol is a directory rename: .tmp-NAME becomes NAME whole
                 if p.info.path.exists():  # same name saved again (after resuming an older checkpoint)
@@ -293,15 +296,17 @@ class Saving(Retention):
         p.blocked += time.perf_counter() - commit_start
         total = time.perf_counter() - p.started
         self.last_committed = p.info
+        self.chain = (p.info.name, link) if link is not None else None  # rank 0 keeps the chain
         if size is not None:
             self.last_bytes = size
         record = {"checkpoint": p.info.name, "step": p.info.step, "type": p.info.kind, "async": p.asynchronous,
-                  "blocking_s": p.blocked, "total_s": total, "bytes": size}
+                  "blocking_s": p.blocked, "total_s": total, "bytes": size,
+                  "digest": link.digest if link else None, "previous_digest": link.previous_digest if link else None}
         log.info(f"checkpoint {p.info.name} committed ({'async' if p.asynchronous else 'sync'}: loop blocked "
                  f"{p.blocked:.2f}s, total {total:.2f}s)")
         return record
 
-    def _write_checksums(self, tmp: Path) -> None:
+    def _write_checksums(self, tmp: Path) -> dict[str, dict]:
         """CHECKSUMS.json: every file of the checkpoint. The ranks' fragments cover the tensor files (hashed by
         the write threads); rank 0 hashes the rest (meta.json, per-rank JSON, DCP's .metadata: small)."""
         files: dict[str, dict] = {}
@@ -312,6 +317,7 @@ class Saving(Retention):
         files.update(checksum_files(tmp, rest))
         write_durable(tmp / CHECKSUMS, json.dumps({"algorithm": CHECKSUM_ALGORITHM, "block_bytes": CHECKSUM_BLOCK,
                                                    "files": files}, sort_keys=True))
+        return files
 
     def abandon(self) -> None:
         """On the way out after a failure: let this rank's write in flight finish (it holds the staged copy, not

@@ -74,11 +74,13 @@ class OptimizerConfig:
 class TrainingConfig:
     output_dir: str = doc("outputs/run", "Run directory: checkpoints, run_state.json, metrics, logs.")
     max_steps: int = doc(600000, "Optimizer steps of the whole run (across every resumed job).")
+    stop_at_step: int = doc(0, "Stop (save, status STOPPED) on reaching this step, leaving max_steps and so the learning-rate schedule as they are; 0 = off. `gpt-simple verify --replay` trains its K steps with it. Not for a chain of jobs: an orchestrator resubmits a STOPPED run, and each later job would stop at once.")
     global_batch_size: int = doc(512, "Sequences per optimizer step, whatever the world size.")
     micro_batch_size: int = doc(16, "Sequences per forward/backward on one rank; the rest is gradient accumulation.")
     seed: int = doc(1337, "Seed of the model initialisation (identical on every world size).")
     device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
     dtype: str = doc("auto", "Compute dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'.", choices=("auto", "bf16", "fp32"))
+    deterministic: bool = doc(False, "torch.use_deterministic_algorithms(True), and CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts: on GPUs, a replay (`gpt-simple verify --replay`) is `exact` only with it. Slower on GPUs; no effect on CPU results.")
     compile: bool = doc(False, "torch.compile each transformer block.")
     compile_cache_dir: str = doc("auto", "With compile: where torch's compilation caches live (inductor, FX graph, AOT autograd, Triton), shared by every job of the run so that a resumed launch's compile is a cache hit. 'auto' = OUTPUT_DIR/compile_cache; a path (e.g. fast local disk, if the output dir is slow); '' = torch's default (TORCHINDUCTOR_CACHE_DIR, else the node's /tmp).")
     activation_checkpointing: bool = doc(False, "Recompute each block's activations in the backward pass to save memory.")
@@ -205,6 +207,7 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, f"optimizer.grad_clip: must be >= 0, got {o.grad_clip}")
 
     _require(t.max_steps > 0, f"training.max_steps: must be > 0, got {t.max_steps}")
+    _require(t.stop_at_step >= 0, f"training.stop_at_step: must be >= 0, got {t.stop_at_step}")
     _require(t.setup_timeout_seconds > 0, f"training.setup_timeout_seconds: must be > 0, got {t.setup_timeout_seconds}")
     _require(t.collective_timeout_seconds > 0,
              f"training.collective_timeout_seconds: must be > 0, got {t.collective_timeout_seconds}")

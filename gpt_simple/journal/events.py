@@ -186,11 +186,14 @@ class Save(Event):
     blocking_s: float
     total_s: float
     bytes: int | None
+    # the digest chain (gpt_simple/checkpoint/chain.py); absent from saves that predate it
+    digest: str | None = optional()
+    previous_digest: str | None = optional()
 
     @classmethod
     def from_record(cls, record: dict) -> "Save":
         return cls(record["checkpoint"], record["step"], record["type"], record["async"], record["blocking_s"],
-                   record["total_s"], record["bytes"])
+                   record["total_s"], record["bytes"], record.get("digest"), record.get("previous_digest"))
 
 
 @dataclass
@@ -252,3 +255,9 @@ class TransientFailure(Event):
 
 CATALOGUE: dict[str, type[Event]] = {cls.kind: cls for cls in Event.__subclasses__()}
 ENDINGS = (Complete.kind, Stop.kind, Halt.kind, Error.kind)  # the last event of a launch that ended on its own
+
+
+def records_of(records: list[dict], *kinds: type[Event]) -> list[dict]:
+    """The events.jsonl records (read back as dicts) of these kinds, in order."""
+    names = {kind.kind for kind in kinds}
+    return [r for r in records if isinstance(r, dict) and r.get("event") in names]
