@@ -116,7 +116,8 @@ def check(cfg: Config) -> Report:
     rep(_mesh_line(cfg))
     from gpt_simple.data import epochs
     stream = DataStream(buckets, d.curriculum, d.seq_len, d.seed, d.allow_bucket_exhaustion,
-                        t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0, epochs=epochs(cfg))
+                        t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0, epochs=epochs(cfg),
+                        amend=d.amend)
     need, g = d.seq_len + 1, t.global_batch_size
     rep(f"data.dir {d.dir}: {len(buckets)} bucket(s), tokenizer {first.tokenizer} (vocabulary {first.vocab_size}, "
         f"model.vocab_size {cfg.model.vocab_size})")
