@@ -143,6 +143,7 @@ def check(cfg: Config) -> Report:
         f"({t.max_steps * g * need:,} read from the buckets)")
     if resumed:
         rep(f"  resuming from {resumed} (step {done_steps}): {remaining_steps:,} steps left")
+    _plan_lines(rep, stream, state)
     capacity = stream.capacity(state)
 
     # What the curriculum asks of each bucket (unlimited data), and what happens with the data there is.
@@ -174,6 +175,18 @@ def check(cfg: Config) -> Report:
     _passes(rep, stream, state, demand, need)
     _verdict(rep, actual, demand, capacity, g, start, cfg)
     return rep
+
+
+def _plan_lines(rep: Report, stream, state: dict) -> None:
+    """The data plan in force and its amendments; the one this launch would make (data.amend) is marked."""
+    from gpt_simple.data.amend import history
+    plan = state["plan"]
+    if not plan["amendments"]:
+        return
+    rep(f"  data plan {plan['number']} (amended; the data below is predicted under it):")
+    for line in history(plan):
+        rep(f"    {line}" + (" (made by this launch: data.amend = true)"
+                             if stream.amendment and line.startswith(f"amendment {plan['number']} ") else ""))
 
 
 def _eval_line(rep: Report, cfg: Config, splits: dict) -> None:
