@@ -26,7 +26,6 @@ import copy
 from gpt_simple.data.curriculum import DataError, Phase, Schedule, exact_weights, phase_sequences
 from gpt_simple.data.layout import initial_generations, pass_at, runs
 
-HOW = "resume with --data.amend true to amend it (docs/data.md, 'Amending the plan')"
 
 
 def current_plan(stream) -> dict:
@@ -62,7 +61,8 @@ def reconcile(stream, state: dict, amend: bool) -> tuple[dict, dict | None]:
     _check_history(old, stream.phases, stream.seq_len)
     if not amend:
         raise DataError(f"the data plan differs from the checkpoint's (step {state['step']}): {'; '.join(changes)}; "
-                        f"{HOW} from there on, or restore the checkpoint's plan")
+                        f"to amend the plan from there on, resume with --data.amend true (docs/data.md, 'Amending "
+                        f"the plan'), or restore the checkpoint's plan")
     grown = [b for b in saved["shards"] if len(now["shards"][b]) > len(saved["shards"][b])]
     generations = copy.deepcopy(saved["generations"])
     cursors = copy.deepcopy(state["cursors"])
