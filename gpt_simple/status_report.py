@@ -100,7 +100,7 @@ def amendments(output_dir: Path) -> list[dict]:
         rows = read_jsonl(RunDir(output_dir).events)
     except (OSError, ValueError):
         return []
-    return list({e["number"]: e for e in rows if e.get("event") == PlanAmended.kind}.values())
+    return list({e["number"]: e for e in rows if e["event"] == PlanAmended.kind}.values())
 
 
 def plan_line(found: list[dict]) -> str:
