@@ -171,3 +171,27 @@ def test_a_checkpoint_from_before_plans_resumes_under_the_config(data):
     got, after = steps(data, EVEN, 2, legacy)
     assert got == ref and after["plan"]["number"] == 0
     assert Fraction(1, 2) == exact_weights({"a": 1, "b": 1})["a"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_lag_restarts_at_the_amendment_for_any_mixes(seed):
+    """The schedule alone: n sequences under one mix, then another; from the amendment on every bucket's lag
+    against the new weights stays inside (-1, 1) at every sequence."""
+    from gpt_simple.data.amend import _carry_schedule
+    from gpt_simple.data.curriculum import Phase, Schedule
+    from helpers.curriculum import next_bucket
+    rng = np.random.default_rng(seed)
+    names = ["a", "b", "c", "d"][:int(rng.integers(2, 5))]
+    old_mix, new_mix = ({b: int(rng.integers(1, 10)) for b in names} for _ in range(2))
+    if exact_weights(old_mix) == exact_weights(new_mix):  # an unchanged mix is no amendment of the phase
+        new_mix[names[0]] += 1
+    old = Schedule([Phase(0, old_mix)], seq_len=1)
+    for _ in range(int(rng.integers(1, 200))):
+        next_bucket(old)
+    old.settle()
+    new = Schedule([Phase(0, new_mix)], seq_len=1)
+    new.load_state_dict(_carry_schedule(old, new.phases, 1, []))
+    w, counts = exact_weights(new_mix), dict.fromkeys(names, 0)
+    for n in range(1, 300):
+        counts[next_bucket(new)] += 1
+        assert all(abs(w[b] * n - counts[b]) < 1 for b in names), (n, counts)
