@@ -8,6 +8,9 @@ document per rank (more with the lengths); here it is built once, written to
     BUCKET/.index/order-seed{SEED}-pass{P}.bin     (or, for a read-only bucket, GPT_SIMPLE_INDEX_DIR or
                                                     ~/.cache/gpt-simple/index/<hash of the bucket path>/)
 
+(shards appended by a plan amendment get their own permutation and file, order-seed{SEED}-pass{P}-from{K}.bin,
+over those shards only: the order of the shards before them, and its file, are left as they were; layout.py).
+
 and memory-mapped, so a rank's resident memory holds only the pages near its cursors, whatever the size of
 the bucket, and a later launch opens it in milliseconds.
 

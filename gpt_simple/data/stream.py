@@ -8,7 +8,8 @@ reads the same tokens in the same order.
 Each bucket is read as its documents in a seeded permutation, each document followed by an end-of-document
 token; a sequence is seq_len + 1 consecutive tokens of one bucket (inputs and shifted targets). A bucket is
 read at most its pass limit (data.max_epochs / data.epochs, default once), each pass in a fresh seeded order;
-running out is exhaustion (see curriculum.py). The orders live on disk (index.py), memory-mapped.
+running out is exhaustion (see curriculum.py). The orders live on disk (index.py), memory-mapped; shards appended
+by a plan amendment (amend.py) are read as layout.py describes.
 """
 from __future__ import annotations
 
@@ -275,6 +276,7 @@ class DataStream:
                             f"{CURSOR_VERSION}: resume it with the gpt-simple release that wrote it, or start a new "
                             f"run (a new training.output_dir, or training.resume = 'scratch')")
         state = {**state, "cursor_version": CURSOR_VERSION}
+        self.close()  # no prefetch thread may read while the layouts change
         if state.get("seed") != self.seed:
             raise DataError(f"data.seed changed since this checkpoint ({state.get('seed')} then, {self.seed} now); "
                             f"resuming would not continue the same data stream")
@@ -294,11 +296,6 @@ class DataStream:
                                 f"its {r.n_docs} documents x {r.passes} pass(es){more}")
         self.close()
         self._state = copy.deepcopy(state)
-
-    @property
-    def plan_number(self) -> int:
-        """The number of the data plan in force (0 until the first amendment)."""
-        return self._state["plan"]["number"]
 
     def capacity(self, state: dict | None = None) -> dict[str, int]:
         """Whole sequences each bucket can still supply from `state` (default: the committed cursor)."""
