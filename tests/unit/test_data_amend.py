@@ -195,3 +195,21 @@ def test_the_lag_restarts_at_the_amendment_for_any_mixes(seed):
     for n in range(1, 300):
         counts[next_bucket(new)] += 1
         assert all(abs(w[b] * n - counts[b]) < 1 for b in names), (n, counts)
+
+
+def test_a_bucket_that_ran_dry_reads_its_appended_shard(tmp_path):
+    from gpt_simple.data.curriculum import BucketExhausted
+    write_bucket(tmp_path, "a", [40] * 10, seed=1)
+    write_bucket(tmp_path, "b", [40] * 100, seed=2)
+    s = stream(tmp_path, EVEN)
+    with pytest.raises(BucketExhausted):
+        while True:
+            s.commit(s.next_batch())
+    state = s.state_dict()
+    append_shard(tmp_path, "a", "shard-00001", [40] * 10)
+    seqs, after = steps(tmp_path, EVEN, 2, state, amend=True)
+    old = [span for step in seqs for seq in step for span in seq if span[0] == "a" and span[1] < 10]
+    assert len(old) == 1 and old[0][2] > 0  # only the rest of the document the cursor was in, never a read token
+    assert {span[1] for step in seqs for seq in step for span in seq if span[0] == "a"} - {old[0][1]} <= \
+        set(range(10, 20))
+    assert after["plan"]["generations"]["a"] == [[1, -1], [2, 0]]
