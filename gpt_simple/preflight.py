@@ -116,7 +116,8 @@ def check(cfg: Config) -> Report:
     rep(_mesh_line(cfg))
     from gpt_simple.data import epochs
     stream = DataStream(buckets, d.curriculum, d.seq_len, d.seed, d.allow_bucket_exhaustion,
-                        t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0, epochs=epochs(cfg))
+                        t.global_batch_size, t.micro_batch_size, 0, 1, prefetch=0, epochs=epochs(cfg),
+                        amend=d.amend)
     need, g = d.seq_len + 1, t.global_batch_size
     rep(f"data.dir {d.dir}: {len(buckets)} bucket(s), tokenizer {first.tokenizer} (vocabulary {first.vocab_size}, "
         f"model.vocab_size {cfg.model.vocab_size})")
@@ -142,6 +143,7 @@ def check(cfg: Config) -> Report:
         f"({t.max_steps * g * need:,} read from the buckets)")
     if resumed:
         rep(f"  resuming from {resumed} (step {done_steps}): {remaining_steps:,} steps left")
+    _plan_lines(rep, stream, state)
     capacity = stream.capacity(state)
 
     # What the curriculum asks of each bucket (unlimited data), and what happens with the data there is.
@@ -173,6 +175,18 @@ def check(cfg: Config) -> Report:
     _passes(rep, stream, state, demand, need)
     _verdict(rep, actual, demand, capacity, g, start, cfg)
     return rep
+
+
+def _plan_lines(rep: Report, stream, state: dict) -> None:
+    """The data plan in force and its amendments; the one this launch would make (data.amend) is marked."""
+    from gpt_simple.data.amend import history
+    plan = state["plan"]
+    if not plan["amendments"]:
+        return
+    rep(f"  data plan {plan['number']} (amended; the data below is predicted under it):")
+    for line in history(plan):
+        rep(f"    {line}" + (" (made by this launch: data.amend = true)"
+                             if stream.amendment and line.startswith(f"amendment {plan['number']} ") else ""))
 
 
 def _eval_line(rep: Report, cfg: Config, splits: dict) -> None:

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from gpt_simple.fileio import read_jsonl
+from gpt_simple.journal.events import PlanAmended
 from gpt_simple.lease import describe as describe_holder
 from gpt_simple.lease import live_holder
 from gpt_simple.run_dir import RunDir, is_run, quarantined
@@ -90,6 +92,20 @@ def goodput(output_dir: Path) -> str | None:
         return goodput_line(output_dir)
     except (OSError, ValueError, KeyError, TypeError) as e:  # status still answers, and says why not this
         return f"unavailable ({type(e).__name__}: {e} reading {RunDir(output_dir).events})"
+
+
+def amendments(output_dir: Path) -> list[dict]:
+    """The data plan's amendments (plan_amended events; a launch that re-made one counts once), oldest first."""
+    try:
+        rows = read_jsonl(RunDir(output_dir).events)
+    except (OSError, ValueError):
+        return []
+    return list({e["number"]: e for e in rows if e["event"] == PlanAmended.kind}.values())
+
+
+def plan_line(found: list[dict]) -> str:
+    return f"plan {found[-1]['number']}: " + " | ".join(
+        f"amendment {e['number']} after step {e['step']}: {'; '.join(e['changes'])}" for e in found)
 
 
 def decision(output_dir: Path, now: float | None = None) -> tuple[str, str, str]:
@@ -185,13 +201,19 @@ def _status(argv: list[str]) -> int:
         return EXIT_CORRUPT
     now = time.time()
     status, why = effective_status(state, now)
+    amended = amendments(Path(out))
     if args.json:
         print(json.dumps({**state, "status": status, "recorded_status": state["status"], "status_reason": why,
-                          "quarantined": [n for n, _ in quarantined(RunDir(out).checkpoints)]}, indent=1))
+                          "quarantined": [n for n, _ in quarantined(RunDir(out).checkpoints)],
+                          "data_plan_amendments": amended}, indent=1))
     else:
         line = goodput(Path(out))
         aside = quarantined(RunDir(out).checkpoints)
-        print(summary(state, status, why, now) + (f"\ngoodput   {line}" if line else "") +
-              (f"\ndamaged   {', '.join(n for n, _ in aside)} (moved aside, never loaded; removed once newer saves "
+        print(summary(state, status, why, now) + (f"
+goodput   {line}" if line else "") +
+              (f"
+data      {plan_line(amended)}" if amended else "") +
+              (f"
+damaged   {', '.join(n for n, _ in aside)} (moved aside, never loaded; removed once newer saves "
                f"commit)" if aside else ""))
     return EXIT_OK

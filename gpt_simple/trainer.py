@@ -157,7 +157,15 @@ class Trainer:
                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         self.journal.event(events.Resume(checkpoint=info.name, step=self.train.step, config_changes=changed,
                                          load_s=load_s))
+        self.record_amendment(self.stream.amendment)
         self.journal.status(last_checkpoint=info.name)
+
+    def record_amendment(self, amendment: dict | None) -> None:
+        """data.amend accepted a changed data plan at the checkpoint's step: one log line and one event."""
+        if amendment:
+            log.info(f"data plan amended (plan {amendment['number']}, from step {amendment['step'] + 1} on): "
+                     + "; ".join(amendment["changes"]))
+            self.journal.event(events.PlanAmended(**amendment))
 
     def record_fallbacks(self, failures: list[tuple[str, str]]) -> None:
         for name, error in failures:
@@ -255,7 +263,8 @@ class Trainer:
         self.train.tokens += self.tokens_per_step
         self.stream.commit(batch)
         self.meter.step_trained()
-        self.journal.audit(self.train.step, [list(s) for seq in batch.plan.sequences for s in seq])
+        self.journal.audit(self.train.step, [list(s) for seq in batch.plan.sequences for s in seq],
+                           batch.plan.state_after["plan"]["number"])
         for dropped in batch.plan.dropped:
             log.info(f"bucket {dropped['bucket']!r} exhausted at step {dropped['step']}: dropped, mix now "
                      f"{dropped['mix']}")

@@ -54,6 +54,7 @@ class DataConfig:
     prefetch: int = doc(2, "Batches prepared ahead by a background thread (0 = load in the loop).")
     max_epochs: int = doc(1, "Passes each bucket may be read (each in a fresh seeded document order); past the last one it is exhausted.")
     epochs: dict = doc({}, "Per-bucket pass limits overriding max_epochs: {bucket = passes, ...}.")
+    amend: bool = doc(False, "Resume under a changed data plan (curriculum, buckets added, shards appended) from the checkpoint's step on, instead of refusing it; see docs/data.md, 'Amending the plan'.")
 
 
 @dataclass

@@ -60,7 +60,8 @@ def build_stream(cfg: Config, rank: int, world_size: int) -> "DataStream":
     buckets = open_data(cfg)
     return DataStream(buckets, cfg.data.curriculum, cfg.data.seq_len, cfg.data.seed,
                       cfg.data.allow_bucket_exhaustion, cfg.training.global_batch_size,
-                      cfg.training.micro_batch_size, rank, world_size, cfg.data.prefetch, epochs(cfg))
+                      cfg.training.micro_batch_size, rank, world_size, cfg.data.prefetch, epochs(cfg),
+                      cfg.data.amend)
 
 
 def epochs(cfg: Config) -> dict[str, int]:

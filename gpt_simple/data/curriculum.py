@@ -19,7 +19,8 @@ lag reaches 1.17 sequences for some mixes of 8 buckets; tests/unit/test_data_cur
 
 A bucket that cannot supply its next sequence is exhausted: with allow_bucket_exhaustion it is dropped for the
 rest of the run and the others are renormalised from that sequence on (the lag bound restarts there);
-otherwise the run halts (see the trainer).
+otherwise the run halts (see the trainer). An amended plan (amend.py) restarts the bound the same way at the
+step boundary where it takes effect.
 """
 from __future__ import annotations
 
@@ -153,8 +154,17 @@ class Schedule:
     def drop(self, bucket: str) -> None:
         """The bucket ran dry: the rest of the run goes on without it, the others renormalised from here."""
         self.dropped.append(bucket)
+        self.restart()
+
+    def restart(self) -> None:
+        """A new segment: the lag accounting starts again from here (a dropped bucket, an amended mix)."""
         self.counts = {}
         self.segment_sequences = 0
+
+    def settle(self) -> int:
+        """Move past phases whose budget is spent (peek() does it lazily); the phase in progress."""
+        self._advance_phase()
+        return self.phase
 
     def state_dict(self) -> dict:
         return {"version": SCHEDULE_VERSION, "phase": self.phase, "phase_sequences": self.phase_sequences,

@@ -8,6 +8,9 @@ document per rank (more with the lengths); here it is built once, written to
     BUCKET/.index/order-seed{SEED}-pass{P}.bin     (or, for a read-only bucket, GPT_SIMPLE_INDEX_DIR or
                                                     ~/.cache/gpt-simple/index/<hash of the bucket path>/)
 
+(shards appended by a plan amendment get their own permutation and file, order-seed{SEED}-pass{P}-from{K}.bin,
+over those shards only: the order of the shards before them, and its file, are left as they were; layout.py).
+
 and memory-mapped, so a rank's resident memory holds only the pages near its cursors, whatever the size of
 the bucket, and a later launch opens it in milliseconds.
 
@@ -55,14 +58,16 @@ class IndexCorrupt(Exception):
     """An index file that fails a check (never used; the caller rebuilds it)."""
 
 
-def permutation_seed(name: str, seed: int, pass_: int) -> int:
-    # Pass 0 keeps the historical seed (data.seed, bucket name): checkpoints of single-pass runs stay valid.
+def permutation_seed(name: str, seed: int, pass_: int, tag: str = "") -> int:
+    # Pass 0 keeps the historical seed (data.seed, bucket name): checkpoints of single-pass runs stay valid. A tag
+    # (documents appended by a plan amendment, layout.py) seeds their own permutation apart from the bucket's.
     text = f"{seed}:{name}" if pass_ == 0 else f"{seed}:{name}:pass{pass_}"
+    text += f":{tag}" if tag else ""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def permutation(name: str, n_docs: int, seed: int, pass_: int = 0) -> np.ndarray:
-    return np.random.default_rng(permutation_seed(name, seed, pass_)).permutation(n_docs)
+def permutation(name: str, n_docs: int, seed: int, pass_: int = 0, tag: str = "") -> np.ndarray:
+    return np.random.default_rng(permutation_seed(name, seed, pass_, tag)).permutation(n_docs)
 
 
 def bucket_key(bucket: Bucket) -> str:
@@ -186,7 +191,7 @@ class Order:
             self._mm = None
 
 
-def build(bucket: Bucket, seed: int, pass_: int, key: str, path: Path) -> None:
+def build(bucket: Bucket, seed: int, pass_: int, key: str, path: Path, tag: str = "") -> None:
     """Compute one pass's order and write it atomically to `path`."""
     t0 = time.monotonic()
     lengths = np.empty(bucket.n_docs, dtype=np.int64)
@@ -198,7 +203,7 @@ def build(bucket: Bucket, seed: int, pass_: int, key: str, path: Path) -> None:
         if n and (int(offsets[0]) != 0 or (lengths[at:at + n] < 0).any()):
             raise ShardError(f"{s.idx_path}: document offsets are inconsistent with the header (corrupt index)")
         at += n
-    perm = permutation(bucket.name, bucket.n_docs, seed, pass_)
+    perm = permutation(bucket.name, bucket.n_docs, seed, pass_, tag)
     ends = lengths[perm]
     del lengths
     ends += 1
@@ -224,7 +229,7 @@ def build(bucket: Bucket, seed: int, pass_: int, key: str, path: Path) -> None:
         crcs.append(crc)
     header = {"version": VERSION, "bucket": bucket.name, "seed": seed, "pass": pass_, "n_docs": bucket.n_docs,
               "total": bucket.n_tokens + bucket.n_docs, "key": key, "perm_dtype": perm_dtype.str, "chunk": CHUNK,
-              "crcs": crcs}
+              "crcs": crcs, **({"tag": tag} if tag else {})}
     header["header_crc"] = zlib.crc32(json.dumps(header, sort_keys=True).encode())
     body = json.dumps(header, sort_keys=True).encode()
     hb = -(-(16 + len(body)) // HEADER_BYTES) * HEADER_BYTES  # whole pages: the payload stays page-aligned
@@ -253,13 +258,16 @@ def _unlock(fd) -> None:
         os.close(fd)
 
 
-def open_order(bucket: Bucket, seed: int, pass_: int, key: str | None = None, bad_inode=None) -> Order:
-    """The order of `pass_` over `bucket`, built if missing or failing its checks (never a damaged one). A valid
-    order beside the bucket is used even where the bucket is read-only; only building needs a writable folder."""
+def open_order(bucket: Bucket, seed: int, pass_: int, key: str | None = None, bad_inode=None,
+               tag: str = "") -> Order:
+    """The order of `pass_` over `bucket` (with a tag: over appended shards, in their own permutation and file),
+    built if missing or failing its checks (never a damaged one). A valid order beside the bucket is used even
+    where the bucket is read-only; only building needs a writable folder."""
     key = key or bucket_key(bucket)
-    name = f"order-seed{seed}-pass{pass_}.bin"
+    name = f"order-seed{seed}-pass{pass_}{'-' + tag if tag else ''}.bin"
     n_docs, total = bucket.n_docs, bucket.n_tokens + bucket.n_docs
-    expect = {"bucket": bucket.name, "seed": seed, "pass": pass_, "n_docs": n_docs, "total": total, "key": key}
+    expect = {"bucket": bucket.name, "seed": seed, "pass": pass_, "n_docs": n_docs, "total": total, "key": key,
+              "tag": tag or None}
 
     def attempt(path: Path) -> Order | None:
         try:
@@ -286,7 +294,7 @@ def open_order(bucket: Bucket, seed: int, pass_: int, key: str | None = None, ba
         try:
             order = attempt(path)  # another process may have built it while this one waited
             if order is None:
-                build(bucket, seed, pass_, key, path)
+                build(bucket, seed, pass_, key, path, tag)
                 order = Order(path, n_docs, total, expect)
         finally:
             _unlock(fd)

@@ -8,7 +8,8 @@ reads the same tokens in the same order.
 Each bucket is read as its documents in a seeded permutation, each document followed by an end-of-document
 token; a sequence is seq_len + 1 consecutive tokens of one bucket (inputs and shifted targets). A bucket is
 read at most its pass limit (data.max_epochs / data.epochs, default once), each pass in a fresh seeded order;
-running out is exhaustion (see curriculum.py). The orders live on disk (index.py), memory-mapped.
+running out is exhaustion (see curriculum.py). The orders live on disk (index.py), memory-mapped; shards appended
+by a plan amendment (amend.py) are read as layout.py describes.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gpt_simple.data.amend import adopt, current_plan, reconcile
 from gpt_simple.data.curriculum import BucketExhausted, DataError, Schedule, nothing_left, resolve_phases
 from gpt_simple.data.index import IndexCorrupt, Order, bucket_key, open_order, permutation
+from gpt_simple.data.layout import initial_generations, runs, view
 from gpt_simple.data.shards import DTYPES, HEADER_BYTES, Bucket
 from gpt_simple.runtime import one_thread_here
 
@@ -42,39 +45,54 @@ def bucket_permutation(name: str, n_docs: int, seed: int, pass_: int = 0) -> np.
 
 class BucketReader:
     """Cursor over one bucket: [position, offset inside that document], the position counting documents across
-    passes (pass = position // n_docs, each pass in its own seeded order, read from its on-disk index)."""
+    the runs of every pass (layout.py: one run per pass unless documents were appended by a plan amendment), each
+    run in its own seeded order, read from its on-disk index."""
 
     def __init__(self, bucket: Bucket, seed: int, passes: int = 1):
         self.bucket, self.seed, self.passes = bucket, seed, passes
         self.n_docs = bucket.n_docs
         self.per_pass = bucket.n_tokens + bucket.n_docs  # + an end-of-document token per document
-        self.total = self.per_pass * passes
-        self._orders: dict[int, Order] = {}
         self._lock = threading.Lock()
-        self._key: str | None = None
         self._starts = bucket._shard_start.tolist()
         self._fds: list | None = None
+        self.set_generations(initial_generations(len(bucket.shards)))
 
-    def order(self, pass_: int, bad: Order | None = None) -> Order:
-        """The memory-mapped order of one pass (built on first use by one process; see index.py)."""
+    def set_generations(self, generations: list[list[int]]) -> None:
+        """The bucket's shard generations (layout.py), from the checkpointed plan."""
+        self.close()
+        self.generations = [list(g) for g in generations]
+        shards = self.bucket.shards
+        self.runs = runs([s.header.n_docs for s in shards], [s.header.n_tokens for s in shards],
+                         self.generations, self.passes)
+        self._positions = [r.position for r in self.runs]
+        self.end = self.runs[-1].position + self.runs[-1].n_docs if self.runs else 0
+        self.total = self.runs[-1].tokens_before + self.runs[-1].n_tokens if self.runs else 0
+        self._orders: dict[int, Order] = {}
+        self._keys: dict[int, str] = {}
+
+    def order(self, j: int, bad: Order | None = None) -> Order:
+        """The memory-mapped order of run j (built on first use by one process; see index.py)."""
         with self._lock:
-            o = self._orders.get(pass_)
+            o = self._orders.get(j)
             if o is not None and o is not bad:
                 return o
-            if self._key is None:
-                self._key = bucket_key(self.bucket)
-            o = open_order(self.bucket, self.seed, pass_, self._key, bad.inode if bad is not None else None)
-            for p in [p for p in self._orders if p < pass_ - 1]:  # keep the previous pass; older ones are
-                del self._orders[p]                               # unmapped when no thread uses them
-            self._orders[pass_] = o
+            run = self.runs[j]
+            part = view(self.bucket, run.first, run.end)
+            if j not in self._keys:
+                self._keys[j] = bucket_key(part)
+            o = open_order(part, self.seed, run.pass_, self._keys[j], bad.inode if bad is not None else None,
+                           run.tag)
+            for old in [k for k in self._orders if k < j - 1]:  # keep the previous run; older ones are
+                del self._orders[old]                           # unmapped when no thread uses them
+            self._orders[j] = o
             return o
 
-    def _with_order(self, pass_: int, fn):
-        order = self.order(pass_)
+    def _with_order(self, j: int, fn):
+        order = self.order(j)
         try:
             return fn(order)
         except IndexCorrupt:  # a damaged file is never used: rebuild it and read again
-            return fn(self.order(pass_, bad=order))
+            return fn(self.order(j, bad=order))
 
     @property
     def perm(self) -> np.ndarray:
@@ -82,17 +100,22 @@ class BucketReader:
 
     def close(self) -> None:
         with self._lock:
-            for o in self._orders.values():
+            for o in getattr(self, "_orders", {}).values():
                 o.close()
-            self._orders.clear()
+            self._orders = {}
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(run, position inside it) of a cursor position; the end of the layout is the end of its last run."""
+        j = max(bisect_right(self._positions, pos) - 1, 0)
+        return j, pos - self.runs[j].position
 
     def consumed(self, cursor: list[int]) -> int:
         pos, offset = cursor
-        if self.n_docs == 0:
+        if not self.runs:
             return offset
-        p, i = divmod(pos, self.n_docs)
-        before = self._with_order(p, lambda o: o.end_before(i)) if i else 0
-        return p * self.per_pass + before + offset
+        j, i = self.locate(pos)
+        before = self._with_order(j, lambda o: o.end_before(i)) if i else 0
+        return self.runs[j].tokens_before + before + offset
 
     def remaining(self, cursor: list[int]) -> int:
         return self.total - self.consumed(cursor)
@@ -102,13 +125,13 @@ class BucketReader:
         pos, offset = cursor
         spans: list[Span] = []
         while n > 0:
-            p, i = divmod(pos, self.n_docs)
-            got, pos, offset = self._with_order(p, lambda o: self._take_in_pass(o, p, i, offset, n, spans))
+            j, i = self.locate(pos)
+            got, pos, offset = self._with_order(j, lambda o: self._take_in_run(o, self.runs[j], i, offset, n, spans))
             n -= got
         return spans, [pos, offset]
 
-    def _take_in_pass(self, o: Order, p: int, i: int, offset: int, n: int, spans: list) -> tuple[int, int, int]:
-        nd = self.n_docs
+    def _take_in_run(self, o: Order, run, i: int, offset: int, n: int, spans: list) -> tuple[int, int, int]:
+        nd, p = run.n_docs, run.pass_
         base = o.end_before(i)
         start, goal = base + offset, base + offset + n
         width = 64
@@ -120,7 +143,7 @@ class BucketReader:
                 break
             width *= 8
         k = min(int(np.searchsorted(ends, goal, side="left")), len(ends) - 1)
-        docs = o.perm[i:i + k + 1].tolist()
+        docs = (o.perm[i:i + k + 1] + run.doc_base).tolist() if run.doc_base else o.perm[i:i + k + 1].tolist()
         doc_ends = ends[:k + 1].tolist()
         first = len(spans)
         prev = base
@@ -138,9 +161,9 @@ class BucketReader:
             lk = spans[-1]
             doc_start = last_end - (lk[3])
             spans[-1] = (lk[0], lk[1], lk[2], goal - doc_start) + lk[4:]
-            new_pos, new_off = p * nd + i + k, goal - doc_start
+            new_pos, new_off = run.position + i + k, goal - doc_start
         else:
-            new_pos, new_off = p * nd + i + k + 1, 0
+            new_pos, new_off = run.position + i + k + 1, 0
         return stop - start, new_pos, new_off
 
     def _files(self) -> list[tuple[int, int, np.dtype]]:
@@ -207,16 +230,17 @@ class Batch:
 class DataStream:
     def __init__(self, buckets: dict[str, Bucket], curriculum: list, seq_len: int, seed: int,
                  allow_exhaustion: bool, global_batch: int, micro_batch: int, rank: int, world_size: int,
-                 prefetch: int = 2, epochs: int | dict[str, int] = 1):
+                 prefetch: int = 2, epochs: int | dict[str, int] = 1, amend: bool = False):
         """epochs: how many passes each bucket may be read (one number for all, or {bucket: passes}; a bucket
-        not named gets 1)."""
+        not named gets 1). amend: a checkpoint taken under another data plan is amended, not refused (amend.py)."""
         self.epochs = {name: (epochs if isinstance(epochs, int) else int(epochs.get(name, 1))) for name in buckets}
         self.readers = {name: BucketReader(b, seed, self.epochs[name]) for name, b in buckets.items()}
         self.phases = resolve_phases(curriculum, {n: r.total for n, r in self.readers.items()})
         self.seq_len, self.allow_exhaustion = seq_len, allow_exhaustion
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
-        self.prefetch, self.seed = prefetch, seed
+        self.prefetch, self.seed, self.amend = prefetch, seed, amend
+        self.amendment: dict | None = None  # the one the last load_state_dict accepted
         self._state = self.initial_state()
         self._worker: _Prefetcher | None = None
 
@@ -224,7 +248,8 @@ class DataStream:
         schedule = Schedule(self.phases, self.seq_len)
         return {"step": 0, "sequences": 0, "schedule": schedule.state_dict(),
                 "cursors": {name: [0, 0] for name in self.readers},
-                "fingerprint": self.fingerprint(), "seed": self.seed, "cursor_version": CURSOR_VERSION}
+                "fingerprint": self.fingerprint(), "seed": self.seed, "cursor_version": CURSOR_VERSION,
+                "plan": current_plan(self)}
 
     @property
     def tokenizer(self) -> str:
@@ -251,22 +276,22 @@ class DataStream:
                             f"{CURSOR_VERSION}: resume it with the gpt-simple release that wrote it, or start a new "
                             f"run (a new training.output_dir, or training.resume = 'scratch')")
         state = {**state, "cursor_version": CURSOR_VERSION}
-        saved, now = state.get("fingerprint"), self.fingerprint()
-        if saved != now or state.get("seed") != self.seed:
-            raise DataError(f"the data changed since this checkpoint (buckets [docs, tokens] then {saved}, now "
-                            f"{now}; data.seed then {state.get('seed')}, now {self.seed}); resuming would not "
-                            f"continue the same data stream")
-        missing = set(self.readers) - set(state["cursors"])
-        extra = set(state["cursors"]) - set(self.readers)
-        if missing or extra:
+        self.close()  # no prefetch thread may read while the layouts change
+        if state.get("seed") != self.seed:
+            raise DataError(f"data.seed changed since this checkpoint ({state.get('seed')} then, {self.seed} now); "
+                            f"resuming would not continue the same data stream")
+        state, self.amendment = reconcile(self, state, self.amend) if "plan" in state else (adopt(self, state), None)
+        if set(self.readers) != set(state["cursors"]):
             raise DataError(f"the checkpointed data cursor has buckets {sorted(state['cursors'])}, data.dir has "
                             f"{sorted(self.readers)}: the buckets in data.dir changed since the checkpoint")
+        for name, reader in self.readers.items():
+            reader.set_generations(state["plan"]["generations"][name])
         Schedule(self.phases, self.seq_len).load_state_dict(state["schedule"])  # refuses an incompatible one
         for name, (pos, offset) in state["cursors"].items():
             r = self.readers[name]
-            if not (0 <= pos <= r.n_docs * r.passes and offset >= 0) or r.remaining([pos, offset]) < 0:
-                more = (f" (pass {pos // r.n_docs + 1}, but data.max_epochs / data.epochs allows {r.passes}: raise "
-                        f"it to continue)") if r.n_docs and pos >= r.n_docs * r.passes else ""
+            if not (0 <= pos <= r.end and offset >= 0) or r.remaining([pos, offset]) < 0:
+                more = (f" (past pass {r.passes}, the last that data.max_epochs / data.epochs allows: raise it to "
+                        f"continue)") if r.n_docs and pos >= r.end else ""
                 raise DataError(f"the checkpointed data cursor of bucket {name!r} ({pos}, {offset}) lies outside "
                                 f"its {r.n_docs} documents x {r.passes} pass(es){more}")
         self.close()

@@ -111,9 +111,10 @@ class Journal:
             self.event(events.Replay(from_step=resume_step, to_step=reached, steps=reached - resume_step,
                                      seconds=(reached - resume_step) * step_s))
 
-    def audit(self, step: int, spans: list) -> None:
+    def audit(self, step: int, spans: list, plan: int = 0) -> None:
+        """plan: the data plan's number (written from the first amendment on; no field means plan 0)."""
         if self.audit_on:
-            append_jsonl(self.run_dir.audit, {"step": step, "spans": spans})
+            append_jsonl(self.run_dir.audit, {"step": step, "spans": spans, **({"plan": plan} if plan else {})})
 
     def halted(self, detail: dict) -> None:
         write_json_atomic(self.run_dir.halted, detail)

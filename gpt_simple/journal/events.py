@@ -127,6 +127,17 @@ class BucketDropped(Event):
     mix: dict
 
 
+@dataclass
+class PlanAmended(Event):
+    """A resume under a changed data plan with data.amend (data/amend.py): in force from the step after `step`."""
+    kind: ClassVar[str] = "plan_amended"
+    number: int      # the plan's number from now on (1 for the first amendment)
+    step: int        # the checkpoint's step: step + 1 is the first step read under the new plan
+    changes: list    # one line per change
+    old: dict        # {"phases": [...], "buckets": {name: {"shards", "documents", "tokens"}}}
+    new: dict
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 @dataclass
 class PartialCheckpointRemoved(Event):
