@@ -209,11 +209,8 @@ def _status(argv: list[str]) -> int:
     else:
         line = goodput(Path(out))
         aside = quarantined(RunDir(out).checkpoints)
-        print(summary(state, status, why, now) + (f"
-goodput   {line}" if line else "") +
-              (f"
-data      {plan_line(amended)}" if amended else "") +
-              (f"
-damaged   {', '.join(n for n, _ in aside)} (moved aside, never loaded; removed once newer saves "
+        print(summary(state, status, why, now) + (f"\ngoodput   {line}" if line else "") +
+              (f"\ndata      {plan_line(amended)}" if amended else "") +
+              (f"\ndamaged   {', '.join(n for n, _ in aside)} (moved aside, never loaded; removed once newer saves "
                f"commit)" if aside else ""))
     return EXIT_OK
