@@ -253,14 +253,14 @@ def test_local_loop_signal_saves_and_ends_the_loop(tmp_path, demo_data, sig):
     env = clean_env(GPT_SIMPLE_CONFIG="configs/tiny.toml", GPT_SIMPLE_OUTPUT_DIR=str(out),
                     GPT_SIMPLE_RETRY_DELAY="0")
     proc = subprocess.Popen(["bash", str(LOCAL_LOOP), *tiny_args(demo_data, 5000, 3)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for(lambda: logged_steps(out) >= 3, 120, "the first logged steps")
         proc.send_signal(sig)  # to the loop only, as a scheduler or `kill` would
         output, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the loop and its trainer: a failed test leaves no job training on
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + sig, output[-3000:]
     assert status_of(out) == "STOPPED"
     (launch,) = launches(out)

@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Iterator
 
 from gpt_simple.data.prepare.sources import CHUNK_BYTES
@@ -39,14 +40,21 @@ def results(tasks: Iterable[Task], tokenizer: str, field_name: str, workers: int
         return
     # fork is cheap, but not safe once torch (and its threads) is loaded: then start clean interpreters.
     method = "fork" if "torch" not in sys.modules and sys.platform == "linux" else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=init_worker, initargs=(tokenizer, field_name)) as pool:
+    # Not multiprocessing.Pool: its terminate() (what `with Pool` runs on an exception, e.g. a Ctrl-C) can hang for
+    # good when its task thread is writing a large task into the workers' pipe (seen here: a Ctrl-C'd build that
+    # never returned). The executor cancels what has not started and lets the running tasks finish.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=init_worker,
+                             initargs=(tokenizer, field_name)) as pool:
         pending: deque = deque()
-        for task in tasks:
-            pending.append((task, pool.apply_async(run_task, (task,))))
-            while len(pending) >= 2 * workers + 2:
+        try:
+            for task in tasks:
+                pending.append((task, pool.submit(run_task, task)))
+                while len(pending) >= 2 * workers + 2:
+                    task_done, future = pending.popleft()
+                    yield task_done, future.result()
+            while pending:
                 task_done, future = pending.popleft()
-                yield task_done, future.get()
-        while pending:
-            task_done, future = pending.popleft()
-            yield task_done, future.get()
+                yield task_done, future.result()
+        except BaseException:  # an interrupt, an error, the consumer gone: drop the queued tasks
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
