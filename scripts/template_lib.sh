@@ -96,7 +96,8 @@ run_trainer() {
   shift
   "$@" >>"$logfile" 2>&1 &
   TRAINER_PID=$!
-  tail -n +1 -F --pid="$TRAINER_PID" "$logfile" 2>/dev/null &
+  # -s: how often tail checks that the trainer is alive (its default, a second, delayed every attempt's end)
+  tail -n +1 -F -s 0.1 --pid="$TRAINER_PID" "$logfile" 2>/dev/null &
   tail_pid=$!
   # A trapped signal interrupts the wait; it is forwarded once the trainer is ready.
   RC=""
