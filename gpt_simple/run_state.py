@@ -44,6 +44,8 @@ class RunState:
             # transient failures in a row, and the step of the last one (progress past it resets the count)
             "transient_failures": previous.get("transient_failures", 0) if previous else 0,
             "transient_step": previous.get("transient_step") if previous else None,
+            # launches in a row that reached their deadline without training a step (trainer.py: IDLE_CAP)
+            "idle_launches": previous.get("idle_launches", 0) if previous else 0,
             # the clock's measured durations (gpt_simple/clock.py): the stop decision budgets with them from step 0
             "durations": previous_durations(previous),
         }

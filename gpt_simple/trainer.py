@@ -32,7 +32,7 @@ from gpt_simple.journal import Journal, events
 from gpt_simple.model import GPT, count_params, flops_per_token
 from gpt_simple.optim import LRSchedule, build_optimizer
 from gpt_simple.parallel import Dist, build_mesh, describe_mesh, parallelize, prepare_micro_batch
-from gpt_simple.run_state import COMPLETED, HALTED, RUNNING, STOPPED
+from gpt_simple.run_state import COMPLETED, ERROR, HALTED, RUNNING, STOPPED
 from gpt_simple.runtime import agree, all_reduce_max, log
 from gpt_simple.state import ModelOptimizer, RNGState, RunInfo, TrainState
 
@@ -42,6 +42,9 @@ class End(enum.Enum):
     COMPLETED = COMPLETED  # max_steps reached
     STOPPED = STOPPED      # the ranks agreed to stop (signal, deadline, stop file)
     HALTED = HALTED        # a bucket ran dry and exhaustion is not allowed
+
+
+IDLE_CAP = 2  # launches in a row that train nothing before their deadline: the next one is an ERROR
 
 
 @dataclass
@@ -333,23 +336,49 @@ class Trainer:
         end = self.run_loop()
         if end.end is End.COMPLETED:
             self.save("final")
-            self.finish(end, events.Complete)
-        elif end.end is End.STOPPED:
+            return self.finish(end, events.Complete)
+        if end.end is End.STOPPED:
             self.save("shutdown")
             self.stop.clear_stop_file()
-            self.finish(end, events.Stop)
-        else:
-            self.save("shutdown")
-            self.finish(self.halt(end.exhausted), events.Halt)
-        return 0
+            return self.finish(end, events.Stop)
+        self.save("shutdown")
+        return self.finish(self.halt(end.exhausted), events.Halt)
 
-    def finish(self, end: LoopEnd, event: type[events.Event]) -> None:
+    def finish(self, end: LoopEnd, event: type[events.Event]) -> int:
+        """The status and the ending event; the exit code (1 where the run cannot go on as planned)."""
         if end.end is not End.HALTED:
             self.journal.not_halted()
+        idle = self.idle_launches(end)
         step, tokens = self.train.step, self.train.tokens
-        self.journal.status(status=end.end.value, reason=end.reason, step=step, tokens=tokens)
+        if idle > IDLE_CAP:  # saved where it started, as the ones before: say so, and stop the resubmissions
+            reason = self.no_room(idle)
+            self.journal.status(status=ERROR, reason=reason, error=reason, step=step, tokens=tokens,
+                                idle_launches=idle)
+            self.journal.end(events.Error(message=reason, step=step))
+            log.error(reason)
+            return 1
+        self.journal.status(status=end.end.value, reason=end.reason, step=step, tokens=tokens, idle_launches=idle)
         self.journal.end(event(reason=end.reason, step=step, tokens=tokens))
         log.info(f"{end.end.value}: {end.reason}" + ("" if "step" in end.reason else f" at step {step}"))
+        return 0
+
+    def idle_launches(self, end: LoopEnd) -> int:
+        """Launches in a row that reached their deadline before training a step: a job limit shorter than set-up
+        and the reserve would otherwise be resubmitted forever, each launch saving where it started."""
+        if end.end is not End.STOPPED or self.clock.steps_trained or not end.reason.startswith("deadline"):
+            return 0
+        idle = int(self.journal.state.state.get("idle_launches") or 0) + 1
+        left = self.clock.deadline.seconds_left(self.clock.process_start)
+        log.warning(f"this launch reached its deadline before its first step ({idle} in a row): its job had "
+                    f"{left or 0:.0f}s, set-up took {sum(self.clock.phases.values()):.0f}s and the reserve is "
+                    f"{self.clock.reserve:g}s (training.walltime_reserve_seconds)")
+        return idle
+
+    def no_room(self, idle: int) -> str:
+        return (f"{idle} launches in a row reached their deadline before training a step: the job's time limit "
+                f"leaves no room after set-up ({sum(self.clock.phases.values()):.0f}s) and the reserve "
+                f"({self.clock.reserve:g}s, training.walltime_reserve_seconds); give the job more time or lower "
+                f"the reserve")
 
     def halt(self, e: BucketExhausted) -> LoopEnd:
         """A bucket ran dry (saved already): the HALTED marker says which, and what a person can do."""

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from helpers.train import ROOT, child_env, events, finish, losses, run_train, start_train, status_word
+from gpt_simple.journal import events as catalogue
+from helpers.train import ROOT, child_env, events, finish, losses, metrics, run_train, start_train, status_word
 
 
 # -- real processes ----------------------------------------------------------------------------------------------
@@ -156,3 +157,27 @@ def test_kill_9_is_reported_as_crashed(tmp_path, demo_data):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert status_word(out) == "CRASHED"
+
+
+@pytest.mark.slow
+def test_a_job_limit_with_no_room_to_train_ends_in_error_after_the_cap(tmp_path, demo_data):
+    """GPT_SIMPLE_MAX_RUNTIME shorter than set-up plus the reserve: each launch reaches its deadline before its first
+    step. It says so; after IDLE_CAP such launches in a row the next is an ERROR naming why (a template would
+    otherwise resubmit it forever, each launch saving where it started)."""
+    from gpt_simple.trainer import IDLE_CAP
+    out = tmp_path / "run"
+    env = child_env(GPT_SIMPLE_MAX_RUNTIME="6")
+    args = ("--training.max_steps", "50", "--training.walltime_reserve_seconds", "10")
+    for n in range(1, IDLE_CAP + 1):
+        proc = run_train(out, demo_data, *args, env=env)
+        assert f"reached its deadline before its first step ({n} in a row)" in proc.stderr, proc.stderr
+        assert status_word(out) == "STOPPED"
+    proc = run_train(out, demo_data, *args, env=env, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert status_word(out) == "ERROR"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {IDLE_CAP + 1} launches in a row reached their deadline before training a step")
+    assert "training.walltime_reserve_seconds" in last
+    assert events(out)[-1]["event"] == catalogue.Error.kind
+    proc = run_train(out, demo_data, *args)  # room again (no deadline): the count no longer matters, it trains
+    assert status_word(out) == "COMPLETED" and metrics(out)[-1]["step"] == 50
