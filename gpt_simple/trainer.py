@@ -367,7 +367,7 @@ class Trainer:
         and the reserve would otherwise be resubmitted forever, each launch saving where it started."""
         if end.end is not End.STOPPED or self.clock.steps_trained or not end.reason.startswith("deadline"):
             return 0
-        idle = int(self.journal.state.state.get("idle_launches") or 0) + 1
+        idle = self.journal.idle_launches + 1
         left = self.clock.deadline.seconds_left(self.clock.process_start)
         log.warning(f"this launch reached its deadline before its first step ({idle} in a row): its job had "
                     f"{left or 0:.0f}s, set-up took {sum(self.clock.phases.values()):.0f}s and the reserve is "

@@ -74,6 +74,13 @@ on_signal() {
   PENDING="$PENDING $1"
 }
 for s in INT TERM USR1 USR2; do trap "on_signal $s" "$s"; done
+# A signal ignored when this shell started (inherited: e.g. a `loop.sh &` in a script ignores SIGINT) cannot be
+# trapped: say so, rather than let a Ctrl-C or a scheduler's signal be lost without a word.
+for s in INT TERM USR1 USR2; do
+  if signal_lost "$s"; then
+    log "warning: SIG$s is ignored in this shell (inherited from its parent): it cannot stop this loop"
+  fi
+done
 
 train=("$GPT_SIMPLE_HOME/train.py" --config "$CONFIG" --training.output_dir "$OUTDIR" "${EXTRA_ARGS[@]}")
 if [ "$NPROC" -gt 1 ]; then

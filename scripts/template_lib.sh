@@ -43,6 +43,13 @@ caught() {  # caught PID SIGNAME: has PID installed a handler for the signal?
   [ -n "$mask" ] && (( (16#$mask >> (num - 1)) & 1 ))
 }
 
+signal_lost() {  # signal_lost SIGNAME: this shell inherited SIGNAME ignored (a trap cannot catch it)
+  local num ign
+  num=$(kill -l "$1" 2>/dev/null) || return 1
+  ign=$(awk '/^SigIgn:/ {print $2}' "/proc/$$/status" 2>/dev/null)
+  [ -n "$ign" ] && (( (16#$ign >> (num - 1)) & 1 ))
+}
+
 trainer_handles() {  # trainer_handles SIGNAME: the trainer (and torchrun's workers) handle the signal
   local c
   caught "$TRAINER_PID" "$1" || return 1
@@ -70,25 +77,6 @@ forward_pending() {  # forward_pending WAITED
   done
 }
 
-# One wait for the trainer, at most a second long where bash can bound it (5.1+: wait -n -p). A trapped signal that
-# lands just before bash blocks in waitpid is otherwise run only when the trainer exits: seen here with bash 5.2, a
-# SIGINT to the loop ignored for the rest of a 5-minute job. Sets RC when it was the trainer that ended.
-wait_trainer_briefly() {
-  local nap ended="" r
-  if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then
-    wait "$TRAINER_PID"
-    RC=$?
-    return
-  fi
-  sleep 1 &
-  nap=$!
-  wait -n -p ended "$TRAINER_PID" "$nap"
-  r=$?
-  if [ "${ended:-}" = "$TRAINER_PID" ]; then RC=$r; fi
-  if [ "${ended:-}" != "$nap" ]; then kill "$nap" 2>/dev/null; wait "$nap" 2>/dev/null; fi
-  return 0
-}
-
 # run_trainer LOGFILE COMMAND...: run COMMAND in the background, its output appended to LOGFILE and shown
 # on stdout; forward trapped signals (PENDING) once the trainer is ready; wait. Sets RC, COMMAND's exit code.
 run_trainer() {
@@ -99,14 +87,15 @@ run_trainer() {
   # -s: how often tail checks that the trainer is alive (its default, a second, delayed every attempt's end)
   tail -n +1 -F -s 0.1 --pid="$TRAINER_PID" "$logfile" 2>/dev/null &
   tail_pid=$!
-  # A trapped signal interrupts the wait; it is forwarded once the trainer is ready.
+  # A trapped signal interrupts `wait`; it is forwarded once the trainer is ready.
   RC=""
-  while [ -z "$RC" ] && kill -0 "$TRAINER_PID" 2>/dev/null; do
+  while kill -0 "$TRAINER_PID" 2>/dev/null; do
     if [ -n "$PENDING" ]; then
       forward_pending "$waited"
       if [ -n "$PENDING" ]; then sleep 1; waited=$((waited + 1)); continue; fi
     fi
-    wait_trainer_briefly
+    wait "$TRAINER_PID"
+    RC=$?
   done
   if [ -z "$RC" ] || [ "$RC" -gt 128 ]; then  # the last wait was interrupted, or never ran
     wait "$TRAINER_PID" 2>/dev/null

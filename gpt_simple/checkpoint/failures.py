@@ -16,6 +16,7 @@ import pickle
 import struct
 import zipfile
 
+import torch
 from torch.distributed.checkpoint import CheckpointException
 
 from gpt_simple.checkpoint.files import ENVIRONMENT_ERRNOS, CheckpointError
@@ -23,7 +24,6 @@ from gpt_simple.parallel import is_fabric_failure
 
 DAMAGE, BUG, ENVIRONMENT = 1, 2, 3  # ordered: the ranks agree on the highest (an environment failure on one
 # rank can surface as anything on another; a bug must never quarantine a checkpoint)
-NAMES = {0: "none", DAMAGE: "damage", BUG: "bug", ENVIRONMENT: "environment"}
 
 DAMAGE_TYPES = (CheckpointError, FileNotFoundError, IsADirectoryError, NotADirectoryError, EOFError,
                 pickle.UnpicklingError, struct.error, zipfile.BadZipFile, UnicodeDecodeError)
@@ -41,11 +41,13 @@ def causes(error: BaseException) -> list[BaseException]:
     return [error]
 
 
+# torch's out-of-memory types: the generic one of recent versions and CUDA's
+OUT_OF_MEMORY = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+
+
 def _one(error: BaseException) -> int:
-    import torch  # the out-of-memory types live on torch (CUDA's, and the generic one of recent versions)
-    oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                            getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t is not None)
-    if isinstance(error, (MemoryError, TimeoutError, ConnectionError, LoadUnavailable, *oom)):
+    if isinstance(error, (MemoryError, TimeoutError, ConnectionError, LoadUnavailable, *OUT_OF_MEMORY)):
         return ENVIRONMENT
     if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
         return ENVIRONMENT

@@ -36,6 +36,11 @@ class Journal:
         return self.state.previous_step
 
     @property
+    def idle_launches(self) -> int:
+        """Launches in a row, before this one, that reached their deadline without training a step."""
+        return int(self.state.state.get("idle_launches") or 0)
+
+    @property
     def previous_seen_at(self) -> float | None:
         return self.state.previous_seen_at
 

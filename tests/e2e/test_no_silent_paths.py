@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt_simple.checkpoint import COMMITTED, list_committed, read_dcp_metadata
+from gpt_simple.checkpoint import CHECKSUMS, COMMITTED, list_committed, read_dcp_metadata
 from gpt_simple.journal import events as ev
 from helpers.checkpoint import flip_tensor_byte
 from helpers.paths import PYTHON, ROOT
@@ -73,6 +73,14 @@ def test_an_unreadable_checkpoint_is_transient_and_a_damaged_one_is_moved_aside_
     assert removed == [["corrupt-step-6-final"]]
     assert not (out / "checkpoints" / "corrupt-step-6-final").exists() and "damaged" not in status_text(out)
     assert status_word(out) == "COMPLETED" and losses(out) == losses(ref)
+
+    # A checkpoint of the current format without its CHECKSUMS.json (an incomplete copy, an altered folder): damage
+    (out / "checkpoints" / "step-8-final" / CHECKSUMS).unlink()
+    run_train(out, demo_data, *ARGS, "--training.max_steps", "9")
+    (fallback,) = [e for e in events(out) if e["event"] == ev.CheckpointFallback.kind][1:]
+    assert fallback["checkpoint"] == "step-8-final" and f"no {CHECKSUMS}" in fallback["error"]
+    assert [e["checkpoint"] for e in events(out) if e["event"] == ev.Resume.kind][-1] == "step-6"
+    assert losses(out)[:8] == losses(ref) and status_word(out) == "COMPLETED"
 
 
 @pytest.mark.slow

@@ -244,6 +244,17 @@ def test_local_loop_attempt_cap_error_and_refusal(tmp_path, demo_data):
     assert r.returncode == 1 and "run ERROR" in r.stdout
     assert len(launches(out)) == n
     assert len(list((out / "logs").glob("attempt-*.log"))) == 2
+    # a loop started with SIGINT ignored (a `loop.sh &` in a script) cannot trap it: it says so first
+    env = clean_env(GPT_SIMPLE_CONFIG="configs/tiny.toml", GPT_SIMPLE_OUTPUT_DIR=str(out))
+    ignored = SIGINT_DEFAULT.replace("SIG_DFL", "SIG_IGN")
+    r = subprocess.run([PYTHON, "-c", ignored, str(LOCAL_LOOP), *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout.splitlines()[0] == (
+        "[local_loop] warning: SIGINT is ignored in this shell (inherited from its parent): it cannot stop this loop")
+
+
+SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execvp('bash', ['bash', *sys.argv[1:]])")
 
 
 @pytest.mark.slow
@@ -252,8 +263,11 @@ def test_local_loop_signal_saves_and_ends_the_loop(tmp_path, demo_data, sig):
     out = tmp_path / "run"
     env = clean_env(GPT_SIMPLE_CONFIG="configs/tiny.toml", GPT_SIMPLE_OUTPUT_DIR=str(out),
                     GPT_SIMPLE_RETRY_DELAY="0")
-    proc = subprocess.Popen(["bash", str(LOCAL_LOOP), *tiny_args(demo_data, 5000, 3)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # SIGINT as a terminal's shell leaves it: whoever started the suite may have left it ignored (a `cmd &` in a
+    # script ignores SIGINT, and every process after inherits that), and an ignored signal cannot be trapped
+    proc = subprocess.Popen([PYTHON, "-c", SIGINT_DEFAULT, str(LOCAL_LOOP), *tiny_args(demo_data, 5000, 3)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         wait_for(lambda: logged_steps(out) >= 3, 120, "the first logged steps")
         proc.send_signal(sig)  # to the loop only, as a scheduler or `kill` would
@@ -267,7 +281,7 @@ def test_local_loop_signal_saves_and_ends_the_loop(tmp_path, demo_data, sig):
     (end,) = end_events(launch)
     assert end["event"] == "stop" and end["reason"].startswith("signal"), end
     assert any(e["event"] == "save" for e in launch)
-    assert "start the loop again to resume" in output
+    assert "start the loop again to resume" in output and "cannot stop this loop" not in output
 
 
 # ---------------------------------------------------------------------------------------------------------
