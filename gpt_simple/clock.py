@@ -33,6 +33,7 @@ class Clock:
         self.in_flight_since: float | None = None  # epoch seconds an async save started, while it runs
         self.overruled = False  # the measured save has overruled the configured reserve (warned once a launch)
         self.step_start = 0.0  # perf_counter at the start of the step in progress
+        self.step_saving = 0.0  # of the step in progress, the seconds it waited for a save
         self.phases: dict[str, float] = {}  # set-up, phase by phase (mark)
         self._last_mark = process_start
         self.spent = {"step": 0.0, "eval": 0.0, "save": 0.0}  # this launch's sums, for the ledger
@@ -72,10 +73,16 @@ class Clock:
     def step_started(self) -> None:
         self.step_start = time.perf_counter()
 
+    def waited_for_save(self, seconds: float) -> None:
+        """Part of the step in progress waited for a save (its staging copy): that is the save's blocking time,
+        which the ledger counts under saves, so not under training too."""
+        self.step_saving += seconds
+
     def step_ended(self) -> None:
         self.drill.pause("step")
-        self.record("step", time.perf_counter() - self.step_start)
-        self.spent["step"] += self.last["step"]
+        self.record("step", time.perf_counter() - self.step_start)  # all of it: it budgets the next step
+        self.spent["step"] += self.last["step"] - self.step_saving
+        self.step_saving = 0.0
         self.steps_trained += 1
 
     @property

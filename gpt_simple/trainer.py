@@ -254,7 +254,8 @@ class Trainer:
         clip = self.cfg.optimizer.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         lr = self.schedule.apply(self.optimizer, self.train.step + 1)
-        self.ckpt.before_update()  # an async save copies the weights while forward/backward ran: let it finish
+        # an async save copies the weights while forward/backward ran: let it finish
+        self.clock.waited_for_save(self.ckpt.before_update())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / accum, grad_norm, lr

@@ -202,10 +202,11 @@ class Saving(Retention):
         self.last_saved_step = step
         return None if asynchronous else self._commit()
 
-    def before_update(self) -> None:
+    def before_update(self) -> float:
         """Call before anything changes the saved state in place (the optimizer step): waits until the save in
-        flight has copied it. The wait counts as that save's blocking time."""
-        p = self.pending
+        flight has copied it. The wait counts as that save's blocking time; it is returned, so that the caller's
+        own timing (a training step's) does not count it twice."""
+        p, waited = self.pending, 0.0
         if p is not None and p.staged is not None:
             if not p.staged.done():
                 start = time.perf_counter()
@@ -213,8 +214,10 @@ class Saving(Retention):
                     p.staged.result()
                 except DCP_ERRORS:  # the write fails too; reported by _commit on every rank
                     pass
-                p.blocked += time.perf_counter() - start
+                waited = time.perf_counter() - start
+                p.blocked += waited
             p.staged = None
+        return waited
 
     def save_in_flight(self) -> bool:
         """This rank's async write is still running (agreed over ranks by the trainer's step agreement)."""

@@ -154,3 +154,20 @@ def test_set_up_phases_add_up_to_the_set_up_time():
     assert clock.setup_done(now=106.0) == 6.0
     assert clock.phases == {"imports": 3.0, "process_group": 0.5, "model": 2.0, "other": 0.5}
     assert sum(clock.phases.values()) == clock.last["setup"]
+
+
+def test_a_step_that_waited_for_a_save_counts_the_wait_once_in_the_ledger():
+    """The optimizer step waits for an async save's staging copy: that wait is the save's blocking time (the ledger's
+    saves), so training is charged the rest of the step; the step's whole duration still budgets the next."""
+    clock = Clock(Deadline(None, "none", []), 0.0, process_start=time.time())
+    clock.setup_done()
+    clock.step_started()
+    time.sleep(0.05)
+    clock.waited_for_save(0.03)
+    clock.step_ended()
+    clock.record_save(0.5, asynchronous=True, blocking_seconds=0.03)
+    ledger = clock.ledger()
+    assert clock.step_seconds >= 0.05 and ledger["train_s"] == pytest.approx(clock.step_seconds - 0.03)
+    assert ledger["save_s"] == pytest.approx(0.03)
+    parts = ledger["setup_s"] + ledger["train_s"] + ledger["eval_s"] + ledger["save_s"] + ledger["other_s"]
+    assert parts == pytest.approx(ledger["total_s"]) and ledger["other_s"] >= 0
