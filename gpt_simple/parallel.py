@@ -66,10 +66,27 @@ def init_distributed(device_choice: str, timeout_s: float = 1800) -> Dist:
         timeout = datetime.timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    store=restart_round_store(rank, world_size, timeout),
                                     device_id=device if device.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(rank, local_rank, world_size, device, backend)
+
+
+def restart_round_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """torchrun's store (MASTER_ADDR:MASTER_PORT), its keys under a prefix of this restart round. torchrun's agent
+    keeps one store across the rounds of `--max-restarts`, and a restarted group read the dead round's peer
+    addresses from it (gloo: connectFullMesh ... Connection refused, to a port nobody listens on). None outside
+    torchrun: env:// as usual."""
+    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if round_ is None:
+        return None
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):  # the agent hosts it; every rank is a client
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    else:
+        store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"gpt-simple/restart-{round_}", store)
 
 
 # Failures of the fabric, not of the run (see is_fabric_failure, docs/orchestration.md).
